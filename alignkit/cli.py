@@ -1,0 +1,74 @@
+"""`alignkit <stage> --config FILE.yaml key=value ...`: parse, call the stage, report.
+
+Bad input (a config key, a data file, a model path) is printed as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from alignkit.errors import UserError
+
+# stage -> (module, config class, run function, one-line help). Modules are imported only when used,
+# so `alignkit --help` stays fast.
+STAGES = {
+    "sft": ("alignkit.algorithms.sft", "SFTConfig", "run_sft", "supervised fine-tuning on demonstrations"),
+    "generate": ("alignkit.rollout.stage", "GenerateConfig", "run_generate", "sample completions for prompts"),
+    "demo": ("alignkit.tasks.demo", "DemoConfig", "run_demo", "the whole pipeline on the embedded SmolLM2"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignkit", description="Align language models with human preferences, stage by stage."
+    )
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE")
+    for name, (_, _, _, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML config file (see --print-config for every key)")
+        p.add_argument("--print-config", action="store_true", help="print the full config as YAML and exit")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=1e-4")
+        if name == "demo":
+            p.add_argument("--fresh", action="store_true", help="delete the demo's outputs and start over")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.stage is None:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "accelerate", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    module_name, config_name, run_name, _ = STAGES[args.stage]
+    try:
+        from alignkit.config import load_config, to_yaml
+
+        module = importlib.import_module(module_name)
+        config_cls = getattr(module, config_name)
+        overrides = list(args.overrides) + (["fresh=true"] if getattr(args, "fresh", False) else [])
+        cfg = load_config(config_cls, args.config, overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        result = getattr(module, run_name)(cfg)
+    except UserError as e:
+        print(f"alignkit {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"alignkit {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

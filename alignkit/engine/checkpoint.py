@@ -1,0 +1,92 @@
+"""Resumable checkpoints: trainable weights, optimiser, scheduler, RNG states and data position.
+
+A checkpoint is written into `checkpoints/.tmp-step-N` and renamed to `checkpoints/step-N` only once
+every file is on disk, so a run killed at any moment leaves either a whole checkpoint or none.
+Only trainable parameters are stored (with LoRA: the adapter), which keeps checkpoints small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from alignkit.errors import UserError
+from alignkit.models.load import unwrap
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_file(_trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes}))
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> int:
+    """Restore everything saved by `save_checkpoint`; returns the step to continue from."""
+    state = json.loads((ckpt / "state.json").read_text())
+    if state["num_processes"] != accelerator.num_processes:
+        raise UserError(
+            f"{ckpt} was written by {state['num_processes']} process(es); resume with the same number "
+            f"(now {accelerator.num_processes})"
+        )
+    weights = load_file(ckpt / "trainable.safetensors")
+    params = dict(unwrap(model).named_parameters())
+    missing = {n for n, p in params.items() if p.requires_grad} ^ set(weights)
+    if missing:
+        raise UserError(f"{ckpt}: checkpoint does not match the model (e.g. '{sorted(missing)[0]}'); check lora/model")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    _set_rng_state(torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=False))
+    return int(state["step"])

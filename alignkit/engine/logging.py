@@ -1,0 +1,72 @@
+"""Run logging: a progress bar, `metrics.jsonl` in the run directory, and accelerate's trackers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from alignkit.errors import UserError
+
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def resolve_trackers(report_to: list[str]) -> list[str]:
+    """`auto` means TensorBoard when it is installed; an explicitly named tracker must be installed."""
+    out = []
+    for name in report_to:
+        if name == "auto":
+            if importlib.util.find_spec("tensorboard") is not None:
+                out.append("tensorboard")
+        elif importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+            raise UserError(f"train.report_to names '{name}' but it is not installed (pip install {name})")
+        else:
+            out.append(name)
+    return sorted(set(out))
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+class RunLogger:
+    """Writes one JSON line per logged step (main process only) and drives the progress bar.
+
+    On resume, lines for steps after the checkpoint are dropped so the file reads as one clean run.
+    """
+
+    def __init__(self, accelerator, run_dir: Path, total_steps: int, start_step: int, desc: str):
+        self.acc = accelerator
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if accelerator.is_main_process and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not accelerator.is_main_process)
+        self.t_last, self.tokens = time.perf_counter(), 0
+
+    def count_tokens(self, n: int) -> None:
+        self.tokens += n
+
+    def log(self, step: int, metrics: dict) -> None:
+        metrics = {k: _plain(v) for k, v in metrics.items()}
+        now = time.perf_counter()
+        if "loss" in metrics:  # training step: add throughput since the last training log
+            metrics["tokens_per_s"] = self.tokens / max(now - self.t_last, 1e-9)
+            self.t_last, self.tokens = now, 0
+        if self.acc.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            short = {k: metrics[k] for k in ("loss", "lr", "tokens_per_s", "eval/loss") if k in metrics}
+            if short:
+                self.bar.set_postfix({k: f"{v:.3g}" for k, v in short.items()}, refresh=False)
+        self.acc.log(metrics, step=step)
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.acc.end_training()

@@ -1,0 +1,182 @@
+"""The one training loop. It owns the optimiser step, accumulation, clipping, scheduling,
+checkpointing, logging and distribution; algorithms only turn rows into a loss.
+
+An algorithm is any object with
+    units(row) -> int                        loss units in one row (target tokens, pairs, ...)
+    prepare(rows) -> dict[str, Tensor]       collate rows into one micro-batch
+    loss(model, batch, normaliser) -> (loss, metrics)   summed loss / normaliser
+and optionally `eval_metrics(mean_loss) -> dict`.
+
+Normalisation: the loss of every micro-batch is divided by the number of units in the whole global
+batch (divided by the number of processes, because DDP averages gradients). So 4 micro-batches of 2,
+1 batch of 8, or 2 processes x 4 rows all give the gradient of one batch of 8 (per-token mean).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from alignkit.engine.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.logging import RunLogger, resolve_trackers
+from alignkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "no" if name == "fp32" else name
+
+
+def chunks(rows: list, size: int) -> list[list]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+class Engine:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        trackers = resolve_trackers(cfg.report_to)
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_precision(cfg.precision), log_with=trackers or None, project_dir=self.run_dir
+        )
+        world = self.accelerator.num_processes
+        if cfg.batch_size % (cfg.micro_batch_size * world):
+            raise UserError(
+                f"train.batch_size ({cfg.batch_size}) must be a multiple of train.micro_batch_size x processes "
+                f"({cfg.micro_batch_size} x {world})"
+            )
+        self.accumulation = cfg.batch_size // (cfg.micro_batch_size * world)
+        set_seed(cfg.seed)
+
+    # ---- one optimiser step -------------------------------------------------------------------
+    def _my_rows(self, rows: list) -> list:
+        """This process's share of a global batch (contiguous slices, in rank order)."""
+        acc = self.accelerator
+        per = math.ceil(len(rows) / acc.num_processes)
+        return rows[acc.process_index * per : (acc.process_index + 1) * per]
+
+    def accumulate(self, model, algorithm, rows: list) -> tuple[torch.Tensor, dict]:
+        """Forward and backward over this process's micro-batches of the global batch `rows`.
+
+        Gradients are left in `.grad`; returns the global mean loss and the summed metrics.
+        """
+        acc = self.accelerator
+        normaliser = max(sum(algorithm.units(r) for r in rows), 1) / acc.num_processes
+        micro = chunks(self._my_rows(rows), self.cfg.micro_batch_size)
+        total, metrics = torch.zeros((), device=acc.device), {}
+        for j, part in enumerate(micro):
+            batch = {k: v.to(acc.device) for k, v in algorithm.prepare(part).items()}
+            sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
+            with sync, acc.autocast():
+                loss, m = algorithm.loss(model, batch, normaliser)
+                acc.backward(loss)
+            total += loss.detach()
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0) + (v.item() if torch.is_tensor(v) else v)
+        return acc.reduce(total, "mean"), metrics
+
+    def train_step(self, model, algorithm, rows, optimizer, scheduler) -> dict:
+        loss, metrics = self.accumulate(model, algorithm, rows)
+        out = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+        if self.cfg.max_grad_norm is not None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            out["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {**metrics, **out}
+
+    @torch.no_grad()
+    def evaluate(self, model, algorithm, rows: list) -> dict:
+        """Mean loss over `rows` (normalised over all of them, like one big batch), plus extras."""
+        was_training = model.training
+        model.eval()
+        normaliser = max(sum(algorithm.units(r) for r in rows), 1) / self.accelerator.num_processes
+        total = torch.zeros((), device=self.accelerator.device)
+        for part in chunks(self._my_rows(rows), self.cfg.micro_batch_size):
+            batch = {k: v.to(self.accelerator.device) for k, v in algorithm.prepare(part).items()}
+            with self.accelerator.autocast():
+                total += algorithm.loss(model, batch, normaliser)[0].float()
+        model.train(was_training)
+        mean = self.accelerator.reduce(total, "mean").item()
+        extra = algorithm.eval_metrics(mean) if hasattr(algorithm, "eval_metrics") else {}
+        return {"eval/loss": mean, **{f"eval/{k}": v for k, v in extra.items()}}
+
+    # ---- the whole run --------------------------------------------------------------------------
+    def batches(self, n_rows: int, epoch: int) -> list[list[int]]:
+        """Global batches of one epoch: a permutation seeded by (seed, epoch); the last partial batch is dropped."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(n_rows, generator=g).tolist()
+        bs = self.cfg.batch_size
+        return [order[i : i + bs] for i in range(0, n_rows - bs + 1, bs)]
+
+    def make_optimizer(self, model, total_steps: int):
+        cfg = self.cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise UserError("the model has no trainable parameters")
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        )
+        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
+        warmup = int(cfg.warmup_ratio * total_steps)
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        return optimizer, scheduler
+
+    def fit(self, model, algorithm, train_rows: list, eval_rows: list | None = None, config: dict | None = None,
+            desc: str = "train"):
+        """Train `model` on `train_rows`; returns the (unwrapped-able) model and the last eval metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        steps_per_epoch = len(train_rows) // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise UserError(f"only {len(train_rows)} training rows, fewer than train.batch_size ({cfg.batch_size})")
+        total = cfg.max_steps or cfg.epochs * steps_per_epoch
+        model.train()
+        optimizer, scheduler = self.make_optimizer(model, total)
+        model, optimizer = acc.prepare(model, optimizer)
+        start = 0
+        ckpts = checkpoint_dirs(self.run_dir)
+        if cfg.resume and ckpts:
+            start = load_checkpoint(acc, ckpts[-1], model, optimizer, scheduler)
+            log.info("resumed from %s (step %d of %d)", ckpts[-1], start, total)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        acc.init_trackers(self.run_dir.name, config=_flat(config or {}))
+        logger = RunLogger(acc, self.run_dir, total, start, desc)
+        eval_metrics = {}
+        for step in range(start + 1, total + 1):
+            epoch, index = divmod(step - 1, steps_per_epoch)
+            rows = [train_rows[i] for i in self.batches(len(train_rows), epoch)[index]]
+            metrics = self.train_step(model, algorithm, rows, optimizer, scheduler)
+            logger.count_tokens(metrics.pop("tokens_seen", 0))
+            if step % cfg.log_every == 0 or step == total:
+                logger.log(step, {"epoch": epoch + (index + 1) / steps_per_epoch, **metrics})
+            if eval_rows and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
+                eval_metrics = self.evaluate(model, algorithm, eval_rows)
+                logger.log(step, eval_metrics)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save_checkpoint(acc, self.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints)
+            logger.advance()
+        logger.close()
+        return acc.unwrap_model(model), eval_metrics
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

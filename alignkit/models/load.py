@@ -1,0 +1,162 @@
+"""Load policies and tokenizers from Hugging Face directories (or hub names), wire LoRA, save results.
+
+With LoRA, the reference model of every later stage is the same base with the adapter switched off
+(`with model.disable_adapter(): ...`), so no second copy of the weights is ever loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from alignkit.config import option
+from alignkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# LoRA targets by architecture when the user names none: every linear layer of attention and MLP.
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = option("smollm2", "HF model directory, hub name, or 'smollm2' (the embedded SmolLM2-135M-Instruct)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "Weight dtype: auto = bfloat16 on a GPU that supports it, float32 on a CPU"
+    )
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = option(0, "LoRA rank; 0 trains all weights (full fine-tuning)")
+    alpha: float = option(32.0, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = option(0.0, "Dropout on the LoRA input")
+    target_modules: list[str] | None = option(None, "Module names to adapt; null = all attention and MLP linears")
+
+    def validate(self):
+        if self.r < 0:
+            raise UserError(f"lora.r must be >= 0, got {self.r}")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU with native bf16, float32 everywhere else (CPU bf16 is slow here)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_path(path: str) -> str:
+    from alignkit.tasks.embedded import resolve_model
+
+    return resolve_model(path)
+
+
+def load_tokenizer(path: str):
+    """Tokenizer with a pad token (eos when it has none) and left padding, for generation."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_path(path))
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"tokenizer at {path} has neither a pad nor an eos token; add one to its config")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: bool = True):
+    """Causal LM from `cfg.path`, with a LoRA adapter when `lora.r > 0` (only the adapter trains)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_path(cfg.path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.dtype))
+    except OSError as e:
+        raise UserError(f"could not load a causal LM from '{cfg.path}': {str(e).splitlines()[0]}") from None
+    if lora is not None and lora.r > 0:
+        model = add_lora(model, lora)
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def add_lora(model, lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = lora.target_modules or LORA_TARGETS.get(model.config.model_type)
+    if not targets:
+        raise UserError(
+            f"no default LoRA targets for model type '{model.config.model_type}'; set lora.target_modules"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(targets), bias="none"
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise UserError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def unwrap(model):
+    """The plain transformers model under DDP / torch.compile wrappers (a PeftModel stays a PeftModel)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(unwrap(model), PeftModel)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written temp dir to `final`, replacing any old one without a half-written moment."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save a loadable HF directory at `out_dir/model` (merged when LoRA) and `out_dir/adapter` (LoRA).
+
+    Both are written to temp dirs first and renamed, so a crash never leaves a half-written model.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = unwrap(model)
+    targets = {}
+    if is_peft(model):
+        targets["adapter"] = model
+        merged = copy.deepcopy(model).merge_and_unload()
+        targets["model"] = merged
+    else:
+        targets["model"] = model
+    for name, m in targets.items():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
+        m.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out_dir / name)
+    return out_dir / "model"

@@ -1,0 +1,63 @@
+"""`alignkit generate`: sample completions for a prompt file and write them as JSONL."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from alignkit.config import option
+from alignkit.models.load import ModelConfig, load_causal_lm, load_tokenizer
+from alignkit.rollout.generate import SamplingConfig, generate_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: ModelConfig = option(ModelConfig(), "Model to sample from")
+    prompts: str = option("demo", "JSONL of {prompt} or {messages} rows; 'demo' = embedded held-out review prompts")
+    output: str | None = option(None, "Where to write {prompt, completion, ...} JSONL; null = print only")
+    sampling: SamplingConfig = option(SamplingConfig(), "Decoding settings")
+    batch_size: int = option(16, "Prompts per generation batch")
+    max_prompts: int | None = option(None, "Use only the first N prompts")
+    chat_template: bool = option(True, "Wrap prompts in the tokenizer's chat template")
+    show: int = option(3, "Print this many samples at the end")
+
+
+def prompt_of(row: dict):
+    return row["messages"] if "messages" in row else row["prompt"]
+
+
+def sample_rows(model, tokenizer, rows: list[dict], sampling: SamplingConfig, batch_size: int, chat: bool,
+                desc: str = "generate") -> list[dict]:
+    """Each input row with a `completion` added, generated in batches with a progress bar."""
+    out = []
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        batch = rows[i : i + batch_size]
+        texts = generate_text(model, tokenizer, [prompt_of(r) for r in batch], sampling, chat=chat)
+        out.extend({**r, "completion": t} for r, t in zip(batch, texts))
+    return out
+
+
+def run_generate(cfg: GenerateConfig) -> str | None:
+    from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_jsonl
+
+    tokenizer = load_tokenizer(cfg.model.path)  # a wrong model path fails before any other work
+    path = cfg.prompts
+    if path == "demo":
+        from alignkit.tasks.demo_data import build_demo_data
+
+        path = str(build_demo_data()["prompts_eval"])
+    rows = read_rows(path, PROMPT_SCHEMA)[: cfg.max_prompts]
+    model = load_causal_lm(cfg.model, trainable=False)
+    done = sample_rows(model, tokenizer, rows, cfg.sampling, cfg.batch_size, cfg.chat_template)
+    for row in done[: cfg.show]:
+        print(f"--- {prompt_of(row)}\n{row['completion']}\n")
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(cfg.output, done)
+        return cfg.output
+    return None

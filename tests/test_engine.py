@@ -1,0 +1,157 @@
+"""The training engine: per-token accumulation, DDP equivalence, kill-and-resume, SFT learning."""
+
+import copy
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.algorithms.sft import SFT
+from alignkit.data.sft import load_sft_dataset
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.loop import Engine
+from alignkit.losses.sft import sft_loss
+from alignkit.models.tiny import tiny_llama, tiny_tokenizer
+
+from conftest import make_sft_rows, write_jsonl
+
+CLI = [sys.executable, "-m", "alignkit.cli"]
+
+
+def test_sft_loss_hand_computed():
+    # vocab 2, uniform logits at t=0 -> log p = log(1/2); logits [0, ln 3] at t=1 -> p(token 1) = 3/4.
+    logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3.0)], [5.0, 5.0]]])
+    labels = torch.tensor([[-100, 0, 1]])  # labels[t] is predicted by logits[t-1]
+    loss, m = sft_loss(logits, labels)
+    expected = -(math.log(0.5) + math.log(0.75)) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert m["tokens"] == 2
+    loss_n, _ = sft_loss(logits, labels, num_tokens=8)  # normalised by a global token count
+    assert loss_n.item() == pytest.approx(expected * 2 / 8, abs=1e-6)
+
+
+def _sft_rows(tmp_path, n=8):
+    tok = tiny_tokenizer()
+    path = write_jsonl(tmp_path / "rows.jsonl", make_sft_rows(n))
+    return tok, load_sft_dataset(str(path), tok, 64, True, False)
+
+
+def test_accumulation_matches_one_batch(tmp_path):
+    """4 micro-batches of 2 give the same loss and gradients as 1 batch of 8 (per-token normalisation)."""
+    tok, rows = _sft_rows(tmp_path)
+    assert len({len(r["input_ids"]) for r in rows}) > 1, "rows must differ in length for this test to bite"
+    grads, losses = [], []
+    for micro in (2, 8):
+        model = tiny_llama(seed=3).train()
+        engine = Engine(TrainConfig(batch_size=8, micro_batch_size=micro, report_to=[]), tmp_path / f"run{micro}")
+        assert engine.accumulation == 8 // micro
+        loss, _ = engine.accumulate(model, SFT(tok.pad_token_id), rows)
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+    # A per-micro-batch mean (the common bug) would differ: check the test can tell.
+    model = tiny_llama(seed=3).train()
+    naive = sum(sft_loss(model(**SFT(tok.pad_token_id).prepare(rows[i : i + 2])).logits,
+                         SFT(tok.pad_token_id).prepare(rows[i : i + 2])["labels"])[0].item() for i in range(0, 8, 2)) / 4
+    assert abs(naive - losses[1]) > 1e-4
+
+
+def _sft_cmd(model_dir, sft_files, out, *extra):
+    train, evalf = sft_files
+    return CLI + ["sft", f"model.path={model_dir}", f"data.train={train}", f"data.eval={evalf}",
+                  f"output_dir={out}", "train.lr=1e-3", "train.report_to=[]", "train.batch_size=8",
+                  "data.max_length=64", *extra]
+
+
+def _run(cmd, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+def _weights(run_dir):
+    return load_file(Path(run_dir) / "model" / "model.safetensors")
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_llama_dir, sft_files, tmp_path):
+    args = ["train.max_steps=60", "train.save_every=5", "train.micro_batch_size=4"]
+    full = _run(_sft_cmd(tiny_llama_dir, sft_files, tmp_path / "full", *args))
+    assert full.returncode == 0, full.stderr
+
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_sft_cmd(tiny_llama_dir, sft_files, killed_dir, *args), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed_dir / "checkpoints" / "step-5").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "model").exists(), "the run finished before it was killed; the test proves nothing"
+
+    resumed = _run(_sft_cmd(tiny_llama_dir, sft_files, killed_dir, *args, "train.resume=true"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _weights(tmp_path / "full"), _weights(killed_dir)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    steps = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 61)), "metrics.jsonl should read as one clean run after resume"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_single(tiny_llama_dir, sft_files, tmp_path):
+    args = ["train.max_steps=4", "train.micro_batch_size=4"]
+    single = _run(_sft_cmd(tiny_llama_dir, sft_files, tmp_path / "single", *args))
+    assert single.returncode == 0, single.stderr
+    ddp_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               "-m", "alignkit.cli"] + _sft_cmd(tiny_llama_dir, sft_files, tmp_path / "ddp", *args)[len(CLI):]
+    ddp = _run(ddp_cmd)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    init = load_file(Path(tiny_llama_dir) / "model.safetensors")
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3, "training must have moved the weights"
+
+
+def test_sft_learns(tiny_llama_dir, sft_files, tmp_path):
+    out = tmp_path / "full"
+    res = _run(_sft_cmd(tiny_llama_dir, sft_files, out, "train.epochs=4", "train.lr=3e-3", "train.eval_every=8"))
+    assert res.returncode == 0, res.stderr
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]
+    assert [e["step"] for e in evals] == [8, 16, 24, 32]
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 1.0, evals
+    assert evals[-1]["eval/ppl"] == pytest.approx(math.exp(evals[-1]["eval/loss"]), rel=1e-6)
+    assert (out / "config.yaml").is_file()
+    assert not list(out.glob(".*tmp*")), "no temp dirs may be left behind"
+
+
+def test_lora_sft_saves_adapter_and_merged_model(tiny_llama_dir, sft_files, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    res = _run(_sft_cmd(tiny_llama_dir, sft_files, out, "train.max_steps=4", "lora.r=8", "train.lr=1e-2"))
+    assert res.returncode == 0, res.stderr
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
+        with adapted.disable_adapter():
+            assert not torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)

@@ -1,0 +1,67 @@
+"""Model loading from local HF directories, LoRA wiring and defaults, tokenizers without a pad token."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from alignkit.errors import UserError
+from alignkit.models.load import LoraConfig, ModelConfig, add_lora, load_causal_lm, load_tokenizer, save_model
+from alignkit.models.tiny import save_tiny, tiny_tokenizer
+
+
+@pytest.mark.parametrize("fixture, expected", [
+    ("tiny_llama_dir", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ("tiny_gpt2_dir", {"c_attn", "c_proj", "c_fc"}),
+])
+def test_lora_defaults_and_reference_is_disabled_adapter(request, fixture, expected):
+    path = request.getfixturevalue(fixture)
+    model = load_causal_lm(ModelConfig(path=path), LoraConfig(r=4))
+    assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n} == expected
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # make the adapter non-zero
+            if "lora_B" in name:
+                p.normal_()
+        ids = torch.tensor([[3, 4, 5]])
+        policy = model(input_ids=ids).logits
+        with model.disable_adapter():
+            reference = model(input_ids=ids).logits
+        base = load_causal_lm(ModelConfig(path=path))(input_ids=ids).logits
+    assert torch.allclose(reference, base, atol=1e-5)
+    assert not torch.allclose(policy, base, atol=1e-3)
+
+
+def test_lora_default_targets_qwen2():
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = add_lora(Qwen2ForCausalLM(cfg), LoraConfig(r=2))
+    assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_bad_lora_target_is_a_user_error(tiny_llama_dir):
+    with pytest.raises(UserError, match="lora.target_modules"):
+        load_causal_lm(ModelConfig(path=tiny_llama_dir), LoraConfig(r=4, target_modules=["no_such_layer"]))
+
+
+def test_tokenizer_without_pad_gets_eos(tmp_path):
+    tok = tiny_tokenizer()
+    tok.pad_token = None
+    save_tiny(tmp_path, tokenizer=tok)
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == loaded.eos_token and loaded.padding_side == "left"
+
+
+def test_missing_model_path_names_it(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path / "nope")):
+        load_tokenizer(str(tmp_path / "nope"))
+
+
+def test_save_full_model_round_trip(tiny_gpt2_dir, tmp_path):
+    model = load_causal_lm(ModelConfig(path=tiny_gpt2_dir))
+    out = save_model(model, load_tokenizer(tiny_gpt2_dir), tmp_path / "run")
+    again = load_causal_lm(ModelConfig(path=str(out)))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    assert not (tmp_path / "run" / "adapter").exists()
