@@ -146,8 +146,10 @@ def test_lora_sft_saves_adapter_and_merged_model(tiny_llama_dir, sft_files, tmp_
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    res = _run(_sft_cmd(tiny_llama_dir, sft_files, out, "train.max_steps=4", "lora.r=8", "train.lr=1e-2"))
+    res = _run(_sft_cmd(tiny_llama_dir, sft_files, out, "train.max_steps=4", "lora.r=8", "train.lr=1e-2",
+                        "train.report_to=[tensorboard]"))
     assert res.returncode == 0, res.stderr
+    assert list(out.rglob("events.out.tfevents.*")), "TensorBoard events should be written"
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out / "adapter")
     ids = torch.tensor([[5, 6, 7, 8]])

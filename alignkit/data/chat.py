@@ -1,0 +1,100 @@
+"""Locate assistant turns in a conversation rendered by a tokenizer's chat template.
+
+The text of assistant turn i is what rendering `messages[: i + 1]` adds to rendering `messages[:i]`
+with the generation prompt; this works for any template whose renderings of prefixes are prefixes
+of the full rendering (ChatML, Llama 3, Gemma, Mistral, plain ones) and needs no `{% generation %}`
+markers. Within a turn the targets run from the start of the content through the first special
+token after it (the end-of-turn token: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, EOS, ...);
+what follows it (a newline before the next turn) is context, not a target.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from alignkit.errors import UserError
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: str) -> str:
+    """The template's text for `messages` (no tokenisation); a template error becomes a UserError."""
+    try:
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as e:  # jinja raises e.g. "Conversation roles must alternate user/assistant"
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(
+            f"{where}: the tokenizer's chat template rejected this conversation ({detail}); "
+            "fix the roles/order of the messages or set data.chat_template=false"
+        ) from None
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
+    return text
+
+
+def _target_length(span: str, content: str, specials: Sequence[str]) -> tuple[int, bool]:
+    """Characters of `span` that are targets, and whether an end-of-turn token closes them."""
+    core = content.strip()
+    found = span.find(core) if core else -1
+    search_from = found + len(core) if found >= 0 else 0
+    best: tuple[int, int] | None = None  # (position, length)
+    for token in specials:  # longest first, so at one position the longest token wins
+        pos = span.find(token, search_from)
+        if pos >= 0 and (best is None or pos < best[0]):
+            best = (pos, len(token))
+    if best is None:
+        return len(span), False
+    return best[0] + best[1], True
+
+
+def _not_prefix(where: str) -> UserError:
+    return UserError(
+        f"{where}: the chat template renders earlier turns differently once later turns follow, so the "
+        "assistant turns cannot be located; use {prompt, completion} rows or set data.chat_template=false"
+    )
+
+
+def assistant_pieces(
+    tokenizer, messages: Sequence[dict], specials: Sequence[str], where: str = "row"
+) -> tuple[list[tuple[str, bool]], bool]:
+    """Split the rendered conversation into (text, is_target) pieces, targets = assistant turns.
+
+    Messages after the last assistant turn are left out (they would teach nothing). Returns the
+    pieces and whether the last assistant turn ends with an end-of-turn token (if not, the caller
+    appends EOS so the model learns to stop).
+    """
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    messages = list(messages[: last + 1])
+    full = render(tokenizer, messages, False, where)
+    pieces: list[tuple[str, bool]] = []
+    pos, closed = 0, False
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], True, where) if i else _opening_prefix(tokenizer, full, where)
+        through = full if i == last else render(tokenizer, messages[: i + 1], False, where)
+        if not (full.startswith(before) and full.startswith(through) and pos <= len(before) <= len(through)):
+            raise _not_prefix(where)
+        span = full[len(before) : len(through)]
+        n, closed = _target_length(span, message["content"], specials)
+        pieces += [(full[pos : len(before)], False), (span[:n], True), (span[n:], False)]
+        pos = len(through)
+    return pieces, closed
+
+
+def _opening_prefix(tokenizer, full: str, where: str) -> str:
+    """Text before the content of a conversation that opens with the assistant.
+
+    Templates refuse to render no messages, so the generation prompt is found as what
+    `add_generation_prompt` adds after a one-message conversation, and located in `full`.
+    """
+    probe = [{"role": "user", "content": "x"}]
+    with_prompt = render(tokenizer, probe, True, where)
+    without = render(tokenizer, probe, False, where)
+    header = with_prompt[len(without) :] if with_prompt.startswith(without) else ""
+    pos = full.find(header) if header else -1
+    return full[: pos + len(header)] if pos >= 0 else ""

@@ -1,0 +1,186 @@
+"""Reading and writing data rows, validated against a `Schema`, with file:line in every error.
+
+    rows = read_rows("data/train.jsonl", SFT_SCHEMA)   # .jsonl / .json / .parquet / .csv
+    write_jsonl("runs/x/samples.jsonl", rows)          # atomic: a crash never leaves half a file
+
+Errors are `UserError`s on one line, e.g.
+    data/train.jsonl:17: not valid JSON (Expecting ',' delimiter at column 23)
+    data/train.jsonl:4: missing field 'completion' (an SFT row needs prompt+completion or messages)
+    data/train.parquet:row 3: field 'prompt' must be a string, got int
+Blank lines are skipped but counted, so line numbers match an editor's. Fields the schema does not
+name are kept (later stages pass them on as keyword arguments).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from alignkit.data.schema import PROMPT_SCHEMA, SFT_SCHEMA, Field, Schema, register_type  # noqa: F401
+from alignkit.errors import UserError
+
+__all__ = [
+    "PROMPT_SCHEMA", "SFT_SCHEMA", "Field", "Schema", "register_type",
+    "iter_rows", "read_jsonl", "read_rows", "write_jsonl",
+]
+
+JSON_LINES = (".jsonl", ".json")
+TABULAR = (".parquet", ".csv")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: file not found (check the data path in your config or command line)")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give the path of a data file (.jsonl, .json, .parquet, .csv)")
+
+
+def _no_rows(path: Path) -> UserError:
+    return UserError(f"{path}: no rows (the file is empty or holds only blank lines); add data or fix the path")
+
+
+def _validated(where: str, row: Any, schema: Schema | None) -> dict:
+    error = schema.check(row) if schema is not None else (None if isinstance(row, dict) else "a row must be a JSON object")
+    if error:
+        raise UserError(f"{where}: {error}")
+    return row
+
+
+def _iter_json_lines(path: Path, schema: Schema | None) -> Iterator[tuple[str, dict]]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not valid UTF-8 (byte {e.start + 1}); save the file as UTF-8") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield where, _validated(where, row, schema)
+
+
+def _iter_json_array(path: Path, schema: Schema | None) -> Iterator[tuple[str, dict]]:
+    """A .json file holding one array of row objects (rows are numbered from 1)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start + 1}); save the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for i, row in enumerate(rows, start=1):
+        where = f"{path}:row {i}"
+        yield where, _validated(where, row, schema)
+
+
+def _starts_with_array(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _load_tabular(path: Path) -> list[dict]:
+    """Rows of a Parquet or CSV file through `datasets` (in memory, nothing left in the HF cache)."""
+    from datasets import Dataset
+
+    reader = Dataset.from_parquet if path.suffix.lower() == ".parquet" else Dataset.from_csv
+    kind = path.suffix.lower().lstrip(".").replace("parquet", "Parquet").replace("csv", "CSV")
+    try:
+        with tempfile.TemporaryDirectory(prefix="alignkit-datasets-") as cache:
+            return reader(str(path), keep_in_memory=True, cache_dir=cache).to_list()
+    except Exception as e:  # datasets wraps the reader's error; show the cause
+        cause = e.__cause__ or e
+        raise UserError(f"{path}: could not read as {kind} ({_one_line(cause)[:300]}); check the file") from None
+
+
+def _iter_tabular(path: Path, schema: Schema | None) -> Iterator[tuple[str, dict]]:
+    if path.stat().st_size == 0:
+        return
+    for i, row in enumerate(_load_tabular(path), start=1):
+        # An empty cell (null) means "this row has no such field", so mixed-shape tables validate per row.
+        row = {k: v for k, v in row.items() if v is not None}
+        where = f"{path}:row {i}"
+        yield where, _validated(where, row, schema)
+
+
+def iter_rows(path: str | os.PathLike, schema: Schema | None = None) -> Iterator[tuple[str, dict]]:
+    """Validated rows with their location ("file:17" or "file:row 3") for later error messages.
+
+    The format comes from the extension: .jsonl/.json are JSON lines (a .json file that starts with
+    `[` is one array of rows), .parquet/.csv go through `datasets`. Raises UserError on the first
+    bad row, a missing file or an unknown extension; an empty file yields nothing.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in JSON_LINES + TABULAR:
+        known = ", ".join(JSON_LINES + TABULAR)
+        raise UserError(f"{path}: unknown data format '{suffix or path.name}'; use one of {known}")
+    _check_file(path)
+    if suffix in TABULAR:
+        yield from _iter_tabular(path, schema)
+    elif suffix == ".json" and _starts_with_array(path):
+        yield from _iter_json_array(path, schema)
+    else:
+        yield from _iter_json_lines(path, schema)
+
+
+def read_jsonl(path: str | os.PathLike, schema: Schema | None = None) -> list[dict]:
+    """All rows of a JSON-lines file, each checked against `schema`; UserError at the first bad line."""
+    path = Path(path)
+    _check_file(path)
+    rows = [row for _, row in _iter_json_lines(path, schema)]
+    if not rows:
+        raise _no_rows(path)
+    return rows
+
+
+def read_rows(path: str | os.PathLike, schema: Schema | None = None) -> list[dict]:
+    """All rows of a .jsonl/.json/.parquet/.csv file, validated; UserError when bad or empty."""
+    rows = [row for _, row in iter_rows(path, schema)]
+    if not rows:
+        raise _no_rows(Path(path))
+    return rows
+
+
+def _to_json(value: Any) -> Any:
+    """Fallback for json.dumps: tensors and numpy values become numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot write a {type(value).__name__} to JSON")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write rows as UTF-8 JSON lines atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=_to_json) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
