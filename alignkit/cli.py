@@ -18,6 +18,11 @@ from alignkit.errors import UserError
 STAGES = {
     "sft": ("alignkit.algorithms.sft", "SFTConfig", "run_sft", "supervised fine-tuning on demonstrations"),
     "generate": ("alignkit.rollout.stage", "GenerateConfig", "run_generate", "sample completions for prompts"),
+    "ppo": ("alignkit.algorithms.ppo", "PPOConfig", "run_ppo", "PPO with a value head and a KL penalty in the reward"),
+    "grpo": ("alignkit.algorithms.policy_gradient", "GRPOConfig", "run_grpo", "GRPO (Dr. GRPO / DAPO as options)"),
+    "rloo": ("alignkit.algorithms.policy_gradient", "RLOOConfig", "run_rloo", "RLOO: leave-one-out baseline, KL in the reward"),
+    "reinforce": ("alignkit.algorithms.policy_gradient", "REINFORCEConfig", "run_reinforce",
+                  "REINFORCE with a moving-average baseline"),
     "demo": ("alignkit.tasks.demo", "DemoConfig", "run_demo", "the whole pipeline on the embedded SmolLM2"),
 }
 

@@ -107,12 +107,22 @@ def _build(cls: type, data: dict, prefix: str = ""):
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise UserError(f"unknown config key '{prefix}{key}'{hint}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    kwargs = {k: _coerce(_with_default(cls, k, v), hints[k], prefix + k) for k, v in data.items()}
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:
         check()
     return obj
+
+
+def _with_default(cls: type, name: str, value: Any) -> Any:
+    """A partial mapping for a nested config fills in from the field's own default, not the class's:
+    `kl.beta=0.1` keeps every other key of a stage-specific `kl` default."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    return _merge(to_dict(default), value) if dataclasses.is_dataclass(default) else value
 
 
 def parse_overrides(overrides: list[str]) -> dict:
