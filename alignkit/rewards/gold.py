@@ -1,0 +1,71 @@
+"""Gold judges: reward sources that stand in for people (simulated labelers) and measure true quality.
+
+Every reward source is called as `score(prompts, completions, **row_fields) -> (B,) tensor`. A gold
+judge here is either the VADER sentiment judge or any Python function of the completion text,
+wrapped by `TextFunctionJudge`; `load_judge("vader")` or `load_judge("package.module:function")`
+gives one by name (the CLI's `judge=` setting).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Sequence
+
+import torch
+
+from alignkit.errors import UserError
+
+
+class TextFunctionJudge:
+    """A reward source from any function `text -> float` of the completion (the prompt is ignored)."""
+
+    def __init__(self, fn: Callable[[str], float], name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def score(self, prompts: Sequence, completions: Sequence[str], **row_fields) -> torch.Tensor:
+        return torch.tensor([float(self.fn(text)) for text in completions], dtype=torch.float64)
+
+    __call__ = score
+
+
+class VaderJudge(TextFunctionJudge):
+    """The VADER compound sentiment score in [-1, 1] of the completion (Hutto & Gilbert 2014).
+
+    A lexicon and rules, no model: it runs offline, in about 0.1 ms per review, identically everywhere.
+    The demo's gold judge: "write a positive review" is the task, VADER says how positive it is.
+    """
+
+    def __init__(self):
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise UserError("the VADER judge needs the package 'vadersentiment': pip install vadersentiment") from None
+        analyzer = SentimentIntensityAnalyzer()
+        super().__init__(lambda text: analyzer.polarity_scores(text)["compound"], name="vader")
+
+
+GOLD_JUDGES: dict[str, Callable[[], object]] = {"vader": VaderJudge}
+
+
+def as_judge(obj, name: str | None = None):
+    """A reward source as is (it has `.score`), or a plain `text -> float` function wrapped."""
+    if hasattr(obj, "score"):
+        return obj
+    if callable(obj):
+        return TextFunctionJudge(obj, name)
+    raise UserError(f"{name or obj!r} is neither a reward source (with .score) nor a function of the text")
+
+
+def load_judge(spec: str):
+    """'vader', or 'package.module:attribute' naming a text -> float function or a reward source."""
+    if spec in GOLD_JUDGES:
+        return GOLD_JUDGES[spec]()
+    if ":" not in spec:
+        raise UserError(f"unknown judge '{spec}'; use one of {', '.join(GOLD_JUDGES)} or 'package.module:function'")
+    module_name, attr = spec.split(":", 1)
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"judge '{spec}': cannot import it ({e})") from None
+    return as_judge(obj, spec)

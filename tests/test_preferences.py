@@ -1,0 +1,178 @@
+"""Preference data (pairs, rankings, validation with file:line), rankings -> pairs, simulated labelers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from alignkit.config import load_config
+from alignkit.data.preferences import (
+    RankingsToPairsConfig, comparison_groups, rankings_to_pairs, read_completion_sets, read_pairs, read_preferences,
+    read_rankings,
+)
+from alignkit.errors import UserError
+from alignkit.feedback.simulated import (
+    LabelConfig, accuracy_ceiling, ceiling_path, label_pairs, rank_plackett_luce, run_label, tau_for_ceiling,
+)
+
+MSG = [{"role": "user", "content": "Review X."}]
+
+
+def lines(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(UserError) as e:
+        fn(*args)
+    return str(e.value)
+
+
+def test_pairs_and_chat_variant(tmp_path):
+    path = lines(tmp_path / "p.jsonl", [
+        {"prompt": "Review X.", "chosen": "good", "rejected": "bad", "margin": 1, "label": 0.8, "id": 3},
+        {"messages": MSG, "chosen": "great", "rejected": "awful", "prompt_id": "x", "extra": [1]},
+    ])
+    kind, rows = read_preferences(path)
+    assert kind == "pairs" and rows[0]["margin"] == 1 and rows[1]["extra"] == [1]
+    groups = comparison_groups(kind, rows, kwise=False)
+    assert [g["margin"] for g in groups] == [[1.0], [0.0]] and [g["label"] for g in groups] == [[0.8], [1.0]]
+    assert groups[1]["prompt"] == MSG
+
+
+RANK = {"prompt": "p", "completions": ["a", "b", "c", "d"]}
+GOOD_PAIR = {"prompt": "p", "chosen": "a", "rejected": "b"}
+
+
+@pytest.mark.parametrize("row, message", [
+    ({**RANK, "ranking": [0, 1, 2, 4]},
+     "field 'ranking' names completion 4, but the row has 4 completions (indices are 0-based: 0 to 3)"),
+    ({**RANK, "ranking": [0, 1, 2]}, "field 'ranking' leaves out completion(s) 3 of 4; rank every completion once"),
+    ({**RANK, "ranking": [0, [1, 1], 2, 3]}, "field 'ranking' names completion 1 twice"),
+    ({**RANK, "ranking": [0, "b", 2, 3]}, "field 'ranking[1]' must be a completion index or a list of tied indices"),
+    ({"prompt": "p", "completions": ["a"], "ranking": [0]},
+     "field 'completions' has 1 completion(s); a ranking needs at least 2 (K >= 2)"),
+    ({"prompt": "p", "completions": ["a", ""], "ranking": [0, 1]}, "field 'completions[1]' is empty"),
+    ({"prompt": "p", "completions": ["a", "b"]}, "missing field 'ranking' (a ranking needs"),
+])
+def test_ranking_errors_name_file_line(tmp_path, row, message):
+    path = lines(tmp_path / "r.jsonl", [{**RANK, "ranking": [0, 1, 2, 3]}, "", row])
+    assert error_of(read_rankings, path).startswith(f"{path}:3: {message}")
+
+
+@pytest.mark.parametrize("reader, rows, message", [
+    (read_rankings, [{**RANK, "ranking": [0, 1, 2, 3], "prompt_id": 7},
+                     {**RANK, "ranking": [3, 2, 1, 0], "prompt_id": 7}],
+     "duplicate prompt_id 7 (first used at {path}:1"),
+    (read_pairs, [{"prompt": "p", "chosen": "a", "rejected": "b", "id": "x"},
+                  {"prompt": "p", "chosen": "a", "rejected": "c", "id": "x"}],
+     "duplicate id 'x' (first used at {path}:1)"),
+    (read_pairs, [{"prompt": "p", "chosen": "a", "rejected": "b", "prompt_id": 1},
+                  {"prompt": "q", "chosen": "a", "rejected": "c", "prompt_id": 1}],
+     "duplicate prompt_id 1 (first used at {path}:1 for a different prompt)"),
+    (read_pairs, [GOOD_PAIR, {"prompt": "p", "chosen": "", "rejected": "b"}], "field 'chosen' is empty"),
+    (read_pairs, [GOOD_PAIR, {"prompt": "p", "chosen": "a", "rejected": "b", "label": 1.5}],
+     "field 'label' must be a probability in [0, 1], got 1.5"),
+    (read_completion_sets, [{"prompt": "p", "completions": ["a", "b"], "id": 1}] * 2, "duplicate id 1"),
+])
+def test_file_wide_errors(tmp_path, reader, rows, message):
+    path = lines(tmp_path / "d.jsonl", rows)
+    assert error_of(reader, path).startswith(f"{path}:2: " + message.format(path=path))
+
+
+def test_pairs_sharing_a_prompt_id_are_fine(tmp_path):
+    path = lines(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "prompt_id": 1},
+                                        {"prompt": "p", "chosen": "a", "rejected": "c", "prompt_id": 1}])
+    assert len(read_pairs(path)) == 2
+
+
+def test_rankings_to_pairs_drops_ties_and_keeps_group():
+    rows = [{"messages": MSG, "completions": list("abcd"), "ranking": [2, [0, 3], 1], "prompt_id": "p1", "t": 1},
+            {"prompt": "q", "completions": ["x", "y"], "ranking": [[0, 1]]}]
+    pairs = rankings_to_pairs(rows)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("c", "a"), ("c", "d"), ("c", "b"), ("a", "b"), ("d", "b")]
+    assert all(p["prompt_id"] == "p1" and p["messages"] == MSG and p["t"] == 1 for p in pairs)
+    assert pairs[0]["id"] == "p1:2>0" and "completions" not in pairs[0] and "ranking" not in pairs[0]
+    # all C(4,2) = 6 pairs without ties
+    assert len(rankings_to_pairs([{"prompt": "q", "completions": list("abcd"), "ranking": [3, 1, 0, 2]}])) == 6
+
+
+def test_comparison_groups_kwise_and_pairwise():
+    rows = [{"prompt": "q", "completions": ["a", "b", "c"], "ranking": [1, 0, 2]}]
+    (group,) = comparison_groups("rankings", rows, kwise=True)
+    assert group["completions"] == ["a", "b", "c"]
+    assert list(zip(group["winners"], group["losers"])) == [(1, 0), (1, 2), (0, 2)]
+    singles = comparison_groups("rankings", rows, kwise=False)
+    assert len(singles) == 3 and all(len(g["completions"]) == 2 for g in singles)
+    # pairs sharing a prompt_id regroup into one element with each distinct completion once
+    (regrouped,) = comparison_groups("pairs", rankings_to_pairs(rows), kwise=True)
+    assert sorted(regrouped["completions"]) == ["a", "b", "c"] and len(regrouped["winners"]) == 3
+
+
+def test_rankings_to_pairs_command(tmp_path, monkeypatch):
+    from alignkit import cli
+
+    src = lines(tmp_path / "r.jsonl", [{"prompt": "q", "completions": ["a", "b", "c"], "ranking": [1, [0, 2]]}])
+    out = tmp_path / "pairs.jsonl"
+    monkeypatch.setitem(cli.STAGES, "rankings-to-pairs", ("alignkit.data.preferences", "RankingsToPairsConfig",
+                                                          "run_rankings_to_pairs", "rankings -> pairs"))
+    assert cli.main(["rankings-to-pairs", f"input={src}", f"output={out}"]) == 0
+    assert [(p["chosen"], p["rejected"]) for p in read_pairs(out)] == [("b", "a"), ("b", "c")]
+    bad = lines(tmp_path / "bad.jsonl", [{"prompt": "q", "completions": ["a", "b"], "ranking": [0, 2]}])
+    assert cli.main(["rankings-to-pairs", f"input={bad}", f"output={out}"]) == 2
+    with pytest.raises(UserError, match="set both input"):
+        load_config(RankingsToPairsConfig, None, [f"input={src}"])
+
+
+# ------------------------------------------------------------------------------------- simulated labelers
+
+
+def test_ceiling_hand_computed_and_tau_solver():
+    gaps = [math.log(3.0), -math.log(3.0), 0.0]  # tau = 1: max(p, 1-p) = 3/4, 3/4, 1/2
+    assert accuracy_ceiling(gaps, 1.0) == pytest.approx((0.75 + 0.75 + 0.5) / 3)
+    tau = tau_for_ceiling([0.1, 0.5, 1.0, -2.0], 0.8)
+    assert accuracy_ceiling([0.1, 0.5, 1.0, -2.0], tau) == pytest.approx(0.8, abs=1e-9)
+    with pytest.raises(UserError, match="target_ceiling must be in"):
+        tau_for_ceiling([0.0, 1.0], 0.9)  # a tied pair caps the ceiling at 0.75
+
+
+def test_empirical_agreement_matches_ceiling():
+    rng = np.random.default_rng(1)
+    n, tau = 20_000, 0.3
+    gold = rng.normal(size=(n, 2)).tolist()
+    rows = [{"prompt": "p", "completions": [f"a{i}", f"b{i}"]} for i in range(n)]
+    pairs = label_pairs(rows, gold, tau, seed=0)
+    agree = np.mean([p["chosen_gold"] > p["rejected_gold"] for p in pairs])
+    ceiling = accuracy_ceiling([g[0] - g[1] for g in gold], tau)
+    assert abs(agree - ceiling) < 0.01  # std of the mean is about 0.003
+    # Plackett-Luce rankings: every pair inside follows the same Bradley-Terry probability
+    gold4 = rng.normal(size=(5000, 4)).tolist()
+    rows4 = [{"prompt": "p", "completions": list("abcd")} for _ in gold4]
+    ranked = rank_plackett_luce(rows4, gold4, tau, seed=0)
+    wins = [r["gold"][r["ranking"][a]] > r["gold"][r["ranking"][b]]
+            for r in ranked for a in range(4) for b in range(a + 1, 4)]
+    gaps = [g[a] - g[b] for g in gold4 for a in range(4) for b in range(a + 1, 4)]
+    assert abs(np.mean(wins) - accuracy_ceiling(gaps, tau)) < 0.01
+
+
+def test_vader_judge_and_label_command(tmp_path):
+    from alignkit.rewards.gold import VaderJudge, load_judge
+
+    judge = VaderJudge()
+    scores = judge.score(["p", "p"], ["I love it, wonderful!", "Terrible, awful, I hate it."])
+    assert scores.shape == (2,) and scores[0] > 0.5 > -0.5 > scores[1]
+    assert load_judge("builtins:len").score(["p"], ["abc"]).tolist() == [3.0]  # any text -> float function
+    with pytest.raises(UserError, match="unknown judge 'vadr'"):
+        load_judge("vadr")
+    src = lines(tmp_path / "c.jsonl", [{"prompt": "p", "completions": ["Great, love it!", "Awful.", "It is a pen."]}])
+    out = tmp_path / "ranked.jsonl"
+    run_label(LabelConfig(input=str(src), output=str(out), mode="rankings", tau=0.01))
+    (row,) = read_rankings(out)
+    assert row["ranking"] == [0, 2, 1] and row["gold"][0] > row["gold"][2] == 0 > row["gold"][1]
+    report = json.loads(ceiling_path(out).read_text())
+    assert report["comparisons"] == 3 and report["ceiling"] == pytest.approx(1.0) and report["tau"] == 0.01
+    run_label(LabelConfig(input=str(src), output=str(tmp_path / "pairs.jsonl"), target_ceiling=0.8))
+    report = json.loads((tmp_path / "pairs.ceiling.json").read_text())
+    assert report["ceiling"] == pytest.approx(0.8) and len(read_pairs(tmp_path / "pairs.jsonl")) == 3
