@@ -1,0 +1,150 @@
+"""Best-of-N sampling: draw N completions per prompt, score them with any reward source, keep the best.
+
+    pi_bon(y|x): the argmax-reward completion of N samples of pi(.|x)
+    KL(pi_bon || pi) = log N - (N - 1) / N          (Stiennon et al. 2020, appendix G)
+
+The analytic KL holds when the policy puts no noticeable probability on any single completion
+(continuous rewards, no ties) and is an upper bound in general (Beirami et al. 2024, "Theoretical
+guarantees on the best-of-n alignment policy"). With `n: [1, 4, 16]` the largest N is sampled once
+and every smaller N uses the first N of those samples, so the rows of the report share their
+samples. A `gold` judge (e.g. `vader`) scores the chosen completions too: the proxy reward can be
+gamed, the gold reward says whether quality really rose.
+
+Reward sources are called as `score(prompts, completions, **row_fields) -> (B,) tensor`: a trained
+reward-model directory, `vader`, or `package.module:function` (see `load_reward`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from alignkit.algorithms.policy_kl import decode, sample_sequences
+from alignkit.config import option
+from alignkit.data.preferences import prompt_of
+from alignkit.errors import UserError
+from alignkit.models.load import ModelConfig, load_causal_lm, load_tokenizer
+from alignkit.rollout.generate import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+PROMPT_KEYS = ("prompt", "messages")
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base policy) = log n - (n - 1) / n, in nats (0 for n = 1)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def load_reward(spec: str):
+    """A reward source from a reward-model directory, 'vader', or 'package.module:function'."""
+    from alignkit.rewards.gold import load_judge
+
+    if Path(spec).is_dir():
+        from alignkit.rewards.reward_model import RewardModel
+
+        return RewardModel(spec)
+    return load_judge(spec)
+
+
+def score_rows(score: Callable, rows: Sequence[dict], completions: Sequence[str]) -> torch.Tensor:
+    """Rewards (B,) of one completion per row; the rows' other fields are passed as keyword lists."""
+    fields = {k: [r.get(k) for r in rows] for k in rows[0] if k not in PROMPT_KEYS}
+    return torch.as_tensor(score([prompt_of(r) for r in rows], list(completions), **fields)).double().cpu()
+
+
+def sample_and_score(model, tokenizer, rows: Sequence[dict], score: Callable, n: int, sampling: SamplingConfig,
+                     batch_size: int = 16, chat_template: bool = True, generator: torch.Generator | None = None,
+                     ) -> list[dict]:
+    """Each row with `completions` (n samples) and their `rewards` (n floats).
+
+    Prompts are repeated n times and generated in batches of `batch_size` sequences.
+    """
+    repeated = [row for row in rows for _ in range(n)]
+    texts: list[str] = []
+    for i in range(0, len(repeated), batch_size):
+        chunk = repeated[i : i + batch_size]
+        seqs = sample_sequences(model, tokenizer, [prompt_of(r) for r in chunk], sampling, chat_template, generator)
+        texts += decode(tokenizer, seqs)
+    rewards = score_rows(score, repeated, texts).view(len(rows), n)  # (R, n)
+    return [{**row, "completions": texts[j * n : (j + 1) * n], "rewards": rewards[j].tolist()}
+            for j, row in enumerate(rows)]
+
+
+def pick_best(sampled: Sequence[dict], n: int) -> list[dict]:
+    """The best of the first n completions of each row: `{**row, completion, reward}` (first wins ties)."""
+    out = []
+    for row in sampled:
+        rewards = row["rewards"][:n]
+        best = max(range(n), key=rewards.__getitem__)
+        rest = {k: v for k, v in row.items() if k not in ("completions", "rewards")}
+        out.append({**rest, "completion": row["completions"][best], "reward": rewards[best]})
+    return out
+
+
+@dataclass(frozen=True)
+class BestOfNConfig:
+    model: ModelConfig = option(ModelConfig(), "Policy to sample from (e.g. the SFT model)")
+    prompts: str = option("demo", "JSONL of {prompt} or {messages} rows; 'demo' = embedded held-out review prompts")
+    reward: str = option("vader", "Reward source: a reward-model directory, 'vader', or 'package.module:function'")
+    gold: str | None = option(None, "Gold judge that also scores the chosen completions (e.g. 'vader'); null = none")
+    n: list[int] = option([1, 4, 16], "Values of N to report; the largest is sampled, smaller ones reuse its samples")
+    sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=64, seed=0), "Decoding settings")
+    batch_size: int = option(16, "Sequences per generation batch")
+    max_prompts: int | None = option(64, "Use only the first N prompts")
+    chat_template: bool = option(True, "Wrap prompts in the tokenizer's chat template")
+    output_dir: str = option("runs/best_of_n", "Where to write best_n{N}.jsonl and summary.json")
+
+    def validate(self):
+        if not self.n or min(self.n) < 1:
+            raise UserError(f"n must list values >= 1, got {self.n}")
+
+
+def prompt_rows(path: str, max_prompts: int | None, demo: str = "prompts_eval") -> list[dict]:
+    """The first `max_prompts` rows of a prompt file; 'demo' = the embedded review prompts file `demo`."""
+    from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows
+
+    if path == "demo":
+        from alignkit.tasks.demo_data import build_demo_data
+
+        path = str(build_demo_data()[demo])
+    return read_rows(path, PROMPT_SCHEMA)[:max_prompts]
+
+
+def run_best_of_n(cfg: BestOfNConfig) -> str:
+    """Sample max(n) completions per prompt, report best-of-N for each N; returns the summary path."""
+    from alignkit.data.jsonl import write_jsonl
+
+    tokenizer = load_tokenizer(cfg.model.path)
+    rows = prompt_rows(cfg.prompts, cfg.max_prompts)
+    score = load_reward(cfg.reward)
+    gold = load_reward(cfg.gold) if cfg.gold else None
+    model = load_causal_lm(cfg.model, trainable=False)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.sampling.seed or 0)
+    sampled = sample_and_score(model, tokenizer, rows, score, max(cfg.n), cfg.sampling, cfg.batch_size,
+                               cfg.chat_template, generator)
+    out = Path(cfg.output_dir)
+    summary = []
+    for n in sorted(set(cfg.n)):
+        best = pick_best(sampled, n)
+        line = {"n": n, "kl_analytic": best_of_n_kl(n), "reward": sum(b["reward"] for b in best) / len(best)}
+        if gold is not None:
+            gold_rewards = score_rows(gold, best, [b["completion"] for b in best])
+            for b, g in zip(best, gold_rewards.tolist()):
+                b["gold"] = g
+            line["gold"] = float(gold_rewards.mean())
+        write_jsonl(out / f"best_n{n}.jsonl", best)
+        summary.append(line)
+        log.info("best-of-%d: analytic KL %.3f nats, reward %.3f%s", n, line["kl_analytic"], line["reward"],
+                 f", gold {line['gold']:.3f}" if "gold" in line else "")
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return str(path)

@@ -1,0 +1,88 @@
+"""Best-of-N (analytic KL, selection, the stage) and rejection-sampling fine-tuning on a tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from alignkit.algorithms.best_of_n import BestOfNConfig, best_of_n_kl, pick_best, run_best_of_n, sample_and_score
+from alignkit.algorithms.rejection_sampling import RejectionSamplingConfig, run_rejection_sampling, select_top
+from alignkit.engine.config import TrainConfig
+from alignkit.models.load import LoraConfig, ModelConfig
+from alignkit.models.tiny import tiny_llama, tiny_tokenizer
+from alignkit.rollout.generate import SamplingConfig
+
+from conftest import write_jsonl
+
+
+def length_reward(prompts, completions, **fields):
+    """A reward source for the tests: the number of characters of the completion."""
+    return torch.tensor([float(len(c)) for c in completions])
+
+
+def n_chars(text: str) -> float:
+    """The same as a `text -> float` function, the form `reward=package.module:function` names."""
+    return float(len(text))
+
+
+def test_best_of_n_kl_formula():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    # Exact KL of best-of-n over M equally likely outcomes with distinct rewards -> the formula as M grows.
+    m, n = 20_000, 4
+    k = torch.arange(1, m + 1, dtype=torch.float64)
+    p = (k / m) ** n - ((k - 1) / m) ** n  # P(the best of n draws is the k-th ranked outcome)
+    kl = float((p * torch.log(p * m)).sum())
+    assert kl == pytest.approx(best_of_n_kl(n), abs=1e-3)
+
+
+def test_pick_best_and_select_top():
+    sampled = [{"prompt": "p", "completions": ["a", "bbb", "cc"], "rewards": [1.0, 3.0, 2.0], "id": 7}]
+    assert pick_best(sampled, 3) == [{"prompt": "p", "id": 7, "completion": "bbb", "reward": 3.0}]
+    assert pick_best(sampled, 1)[0]["completion"] == "a"  # the first n samples only
+    assert [r["completion"] for r in select_top(sampled, 2)] == ["bbb", "cc"]
+
+
+def test_sample_and_score_returns_n_scored_completions():
+    tok = tiny_tokenizer()
+    rows = [{"prompt": "review abc", "ref": 1}, {"prompt": "review def", "ref": 2}]
+    seen = {}
+
+    def reward(prompts, completions, **fields):
+        seen.update(fields)
+        return length_reward(prompts, completions)
+
+    out = sample_and_score(tiny_llama(), tok, rows, reward, 3, SamplingConfig(max_new_tokens=6, seed=0), batch_size=4)
+    assert [len(r["completions"]) for r in out] == [3, 3]
+    assert out[0]["rewards"] == [float(len(c)) for c in out[0]["completions"]]
+    assert seen["ref"] == [1, 1, 1, 2, 2, 2]  # the rows' other fields reach the reward source
+
+
+def test_best_of_n_stage(tmp_path, tiny_llama_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {w}"} for w in ("abc", "def", "ghi")])
+    cfg = BestOfNConfig(model=ModelConfig(tiny_llama_dir), prompts=str(prompts), reward="test_best_of_n:n_chars",
+                        gold="test_best_of_n:n_chars", n=[1, 4], sampling=SamplingConfig(max_new_tokens=8, seed=0),
+                        output_dir=str(tmp_path / "bon"))
+    summary = json.loads(open(run_best_of_n(cfg)).read())
+    assert [s["n"] for s in summary] == [1, 4]
+    assert summary[1]["reward"] >= summary[0]["reward"]  # best of 4 includes the single sample
+    assert summary[1]["kl_analytic"] == pytest.approx(best_of_n_kl(4))
+    assert summary[1]["gold"] == pytest.approx(summary[1]["reward"])
+
+
+def test_rejection_sampling_two_rounds(tmp_path, tiny_llama_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {i}"} for i in range(8)])
+    cfg = RejectionSamplingConfig(
+        model=ModelConfig(tiny_llama_dir), lora=LoraConfig(r=4), prompts=str(prompts),
+        reward="test_best_of_n:n_chars", rounds=2, n=2, keep=1, max_length=64,
+        sampling=SamplingConfig(max_new_tokens=8, seed=0),
+        train=TrainConfig(batch_size=4, micro_batch_size=4, max_steps=2, lr=1e-3, report_to=[]),
+        output_dir=str(tmp_path / "rs"))
+    model_dir = run_rejection_sampling(cfg)
+    rounds = [json.loads(x) for x in (tmp_path / "rs" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["reward_kept"] >= r["reward_mean"] and r["examples"] == 8 for r in rounds)
+    assert all(math.isfinite(r["sft_loss"]) for r in rounds)
+    assert (model_dir / "config.json").is_file()

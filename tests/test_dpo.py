@@ -1,0 +1,241 @@
+"""The DPO stage: sequence log-probs, reference caching and LoRA reference, learning, KTO data, KL estimate."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from alignkit.algorithms.dpo import DPOConfig, DPODataConfig, KLEvalConfig, PairPreference, run_dpo
+from alignkit.algorithms.policy_kl import policy_kl
+from alignkit.algorithms.reference import Reference, cache_reference, pair_logps, sequence_logps
+from alignkit.data.preference_tokens import (
+    collate_pairs,
+    collate_sequences,
+    load_pairs,
+    load_unpaired,
+    tokenize_completion,
+)
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.loop import Engine
+from alignkit.losses.preference import PREFERENCE_LOSSES
+from alignkit.models.load import LoraConfig, ModelConfig, add_lora
+from alignkit.models.tiny import pseudo_words, tiny_gpt2, tiny_llama, tiny_tokenizer
+
+from conftest import write_jsonl
+
+
+def make_pairs(n: int, seed: int = 0) -> list[dict]:
+    """A learnable preference: the chosen review says 'good', the rejected one 'bad'."""
+    words = pseudo_words(3 * n, seed)
+    return [{"prompt": f"review {words[3 * i]} {words[3 * i + 1]}", "chosen": f"{words[3 * i]} is good good",
+             "rejected": f"{words[3 * i]} is bad bad"} for i in range(n)]
+
+
+@pytest.fixture
+def pair_files(tmp_path):
+    return (str(write_jsonl(tmp_path / "train.jsonl", make_pairs(48, seed=0))),
+            str(write_jsonl(tmp_path / "eval.jsonl", make_pairs(16, seed=1))))
+
+
+def _pairs(tmp_path, n=8):
+    tok = tiny_tokenizer()
+    return tok, load_pairs(str(write_jsonl(tmp_path / "p.jsonl", make_pairs(n))), tok, 64)
+
+
+def _seqs(rows):
+    """(prompt, completion) sequences of pairs, chosen then rejected for each pair."""
+    return [(r["prompt_ids"], r[side]) for r in rows for side in ("chosen_ids", "rejected_ids")]
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2])
+def test_sequence_logps_match_unpadded_forward(tmp_path, make_model):
+    """Left-padded prompts + right-padded completions + logits_to_keep give the log-probs of each sequence alone."""
+    tok, rows = _pairs(tmp_path, 4)
+    model = make_model()
+    seqs = _seqs(rows)
+    sums, counts = sequence_logps(model, collate_sequences(seqs, tok.pad_token_id))
+    for (prompt, completion), total, n in zip(seqs, sums, counts):
+        ids = torch.tensor([prompt + completion])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        expected = logp[len(prompt) - 1 :].gather(-1, torch.tensor(completion)[:, None]).sum()
+        assert n == len(completion)
+        assert total.item() == pytest.approx(expected.item(), abs=1e-3)
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2])
+def test_shared_prompt_pass_equals_full_sequences(tmp_path, make_model):
+    """Prompt once + both completions over its cache = two full sequences per pair: values and gradients."""
+    tok, rows = _pairs(tmp_path, 4)
+    rows[1]["prompt_ids"] = rows[1]["prompt_ids"][:3]  # prompts of different lengths (left padding)
+    model = make_model().train()
+    full, full_counts = sequence_logps(model, collate_sequences(_seqs(rows), tok.pad_token_id))
+    full.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    shared, counts = pair_logps(model, collate_pairs(rows, tok.pad_token_id))
+    shared.sum().backward()
+    assert torch.allclose(shared.flatten(), full, atol=1e-4) and torch.equal(counts.flatten(), full_counts)
+    for name, grad in grads.items():
+        assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-4), name
+
+
+def test_pair_tokenisation_keeps_the_prompt_boundary(tmp_path):
+    tok = tiny_tokenizer()
+    prompt, completion = tokenize_completion("review abc", "abc is good", tok, 64, True)
+    assert tok.decode(prompt).endswith("assistant: ")
+    assert completion[-1] == tok.eos_token_id
+    rankings = [{"prompt": "p", "completions": ["a b", "c d", "e f"], "ranking": [1, [0, 2]]}]
+    assert len(load_pairs(str(write_jsonl(tmp_path / "r.jsonl", rankings)), tok, 64)) == 2  # ties dropped
+
+
+def _spec_algorithm(loss: str, tok, reference: Reference):
+    cfg = DPOConfig(loss=loss)
+    return PairPreference(cfg.spec, cfg.hyper, tok.pad_token_id, reference)
+
+
+def test_lora_reference_is_the_disabled_adapter(tmp_path):
+    tok, rows = _pairs(tmp_path, 4)
+    base = tiny_llama(seed=1)
+    frozen = copy.deepcopy(base)
+    policy = add_lora(base, LoraConfig(r=4))
+    with torch.no_grad():  # move the adapter away from its zero init, so policy != reference
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = collate_pairs(rows, tok.pad_token_id)
+    ref = Reference().run(policy, lambda m: pair_logps(m, batch)[0])
+    assert torch.allclose(ref, pair_logps(frozen, batch)[0], atol=1e-4)
+    assert not torch.allclose(ref, pair_logps(policy, batch)[0], atol=1e-2)
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_cached_reference_equals_live(tmp_path, lora):
+    """Cache before training, train a step, then the cached and the live reference give the same loss."""
+    tok, rows = _pairs(tmp_path, 8)
+    policy = tiny_llama(seed=2)
+    policy = add_lora(policy, LoraConfig(r=lora)) if lora else policy
+    live = Reference() if lora else Reference(copy.deepcopy(policy).requires_grad_(False))
+    cached_rows = copy.deepcopy(rows)
+    algorithm = _spec_algorithm("dpo", tok, live)
+    cache_reference(policy, _spec_algorithm("dpo", tok, Reference()), {"train": cached_rows}, tmp_path / "ref.pt",
+                    "tiny", 4, "cpu")
+    engine = Engine(TrainConfig(batch_size=8, micro_batch_size=8, lr=1e-2, max_steps=1, report_to=[]), tmp_path / "r")
+    policy, _ = engine.fit(policy, algorithm, rows)
+    policy.eval()
+    with torch.no_grad():
+        loss_live, m_live = algorithm.loss(policy, algorithm.prepare(rows), 8)
+        loss_cached, m_cached = algorithm.loss(policy, algorithm.prepare(cached_rows), 8)
+    assert abs(m_live["rewards/margin"].item()) > 1e-4  # the step moved the policy off the reference
+    assert loss_cached.item() == pytest.approx(loss_live.item(), abs=1e-5)
+    # a second run with the same data and reference reads the cache instead of recomputing it
+    again = copy.deepcopy(rows)
+    cache_reference(None, None, {"train": again}, tmp_path / "ref.pt", "tiny", 4, "cpu")
+    assert [r["ref"] for r in again] == [r["ref"] for r in cached_rows]
+
+
+def test_accumulation_matches_one_batch(tmp_path):
+    tok, rows = _pairs(tmp_path, 8)
+    cache_reference(tiny_llama(seed=3), _spec_algorithm("ipo", tok, Reference()), {"train": rows}, tmp_path / "ref.pt",
+                    "t", 8, "cpu")
+    grads = []
+    for micro in (2, 8):
+        model = tiny_llama(seed=3).train()
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.01 * torch.randn_like(model.lm_head.weight))  # policy != reference
+        engine = Engine(TrainConfig(batch_size=8, micro_batch_size=micro, report_to=[]), tmp_path / f"a{micro}")
+        engine.accumulate(model, _spec_algorithm("ipo", tok, Reference()), rows)
+        grads.append(model.lm_head.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def _run(tmp_path, files, loss, lora=0, steps=12, **kw):
+    cfg = DPOConfig(
+        model=ModelConfig(kw.pop("model")), lora=LoraConfig(r=lora),
+        data=DPODataConfig(train=files[0], eval=files[1], max_length=64),
+        train=TrainConfig(batch_size=8, micro_batch_size=8, max_steps=steps, lr=kw.pop("lr", 1e-3), report_to=[]),
+        kl=KLEvalConfig(samples=4, max_new_tokens=8), loss=loss, output_dir=str(tmp_path / f"run-{loss}"), **kw)
+    run_dpo(cfg)
+    lines = [json.loads(x) for x in (tmp_path / f"run-{loss}" / "metrics.jsonl").read_text().splitlines()]
+    return lines, json.loads((tmp_path / f"run-{loss}" / "kl.json").read_text())
+
+
+def test_dpo_learns_the_preference(tmp_path, pair_files, tiny_llama_dir):
+    lines, kl = _run(tmp_path, pair_files, "dpo", model=tiny_llama_dir)
+    first, final = lines[0], lines[-1]
+    assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-4)  # the first step's policy is the reference
+    assert final["eval/rewards/accuracy"] > 0.9
+    assert final["eval/rewards/margin"] > 0.3
+    assert final["eval/loss"] < math.log(2) - 0.1
+    assert math.isfinite(kl["kl"]) and len(kl["samples"]) == 4
+    assert (tmp_path / "run-dpo" / "model" / "config.json").is_file()
+
+
+def test_kto_with_lora_and_live_reference_learns(tmp_path, pair_files, tiny_llama_dir):
+    lines, _ = _run(tmp_path, pair_files, "kto", lora=8, lr=3e-3, model=tiny_llama_dir, reference="live")
+    assert lines[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-4)
+    assert lines[-1]["eval/rewards/margin"] > 0.05
+    assert (tmp_path / "run-kto" / "adapter").is_dir()
+
+
+def test_kto_rows_pair_each_prompt_with_another_completion(tmp_path):
+    tok = tiny_tokenizer()
+    pairs = make_pairs(6)
+    rows = load_unpaired(str(write_jsonl(tmp_path / "p.jsonl", pairs)), tok, 64)
+    assert len(rows) == 12 and sum(r["desirable"] for r in rows) == 6
+    completions = sorted(tuple(r["seqs"][0][1]) for r in rows)
+    assert sorted(tuple(r["seqs"][1][1]) for r in rows) == completions  # each completion used once
+    assert all(r["seqs"][0][1] != r["seqs"][1][1] for r in rows)
+    unpaired = [{"prompt": f"review {i}", "completion": f"text {i}", "label": i % 2 == 0} for i in range(4)]
+    rows = load_unpaired(str(write_jsonl(tmp_path / "u.jsonl", unpaired)), tok, 64)
+    assert [r["desirable"] for r in rows] == [True, False, True, False]
+    from alignkit.errors import UserError
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*unpaired, {"prompt": "p", "completion": "c", "label": "yes"}])
+    with pytest.raises(UserError, match=r"bad.jsonl:5: field 'label'"):
+        load_unpaired(str(bad), tok, 64)
+
+
+def test_soft_labels_only_for_losses_that_take_them(tmp_path, tiny_llama_dir):
+    from alignkit.errors import UserError
+
+    labelled = [{**p, "label": 0.8} for p in make_pairs(16)]
+    path = str(write_jsonl(tmp_path / "soft.jsonl", labelled))
+    with pytest.raises(UserError, match="soft labels"):
+        _run(tmp_path, (path, None), "simpo", steps=1, model=tiny_llama_dir)
+    assert PREFERENCE_LOSSES["cdpo"].soft_labels
+
+
+def test_kl_is_zero_for_the_reference_itself(tmp_path):
+    tok = tiny_tokenizer()
+    policy = add_lora(tiny_llama(seed=4), LoraConfig(r=4))  # zero-initialised adapter: policy = reference
+    out = policy_kl(policy, Reference(), tok, ["review abc", "review def"], max_new_tokens=6)
+    assert out["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert all(s["tokens"] >= 1 for s in out["samples"])
+
+
+# The entries proposed for alignkit/cli.py's STAGES table (added there by the lead).
+CLI_STAGES = {
+    "dpo": ("alignkit.algorithms.dpo", "DPOConfig", "run_dpo",
+            "direct preference optimisation: loss=dpo|cdpo|ipo|simpo|orpo|kto"),
+    "best-of-n": ("alignkit.algorithms.best_of_n", "BestOfNConfig", "run_best_of_n",
+                  "sample N completions per prompt, keep the best by a reward source"),
+    "rejection-sampling": ("alignkit.algorithms.rejection_sampling", "RejectionSamplingConfig",
+                           "run_rejection_sampling", "iterated best-of-N fine-tuning (sample, keep the best, SFT)"),
+}
+
+
+def test_cli_entries(monkeypatch, capsys, tmp_path, pair_files, tiny_llama_dir):
+    from alignkit import cli
+
+    for name, entry in CLI_STAGES.items():
+        monkeypatch.setitem(cli.STAGES, name, entry)
+        assert cli.main([name, "--print-config"]) == 0
+    assert "orpo_lambda" in capsys.readouterr().out
+    assert cli.main(["dpo", "loss=nope"]) == 2
+    assert "is not one of dpo, cdpo" in capsys.readouterr().err
+    out = tmp_path / "cli-run"
+    code = cli.main(["dpo", f"model.path={tiny_llama_dir}", f"data.train={pair_files[0]}", "data.eval=null",
+                     "loss=ipo", "train.max_steps=2", "train.report_to=[]", "kl.samples=0", f"output_dir={out}"])
+    assert code == 0 and (out / "model" / "config.json").is_file() and (out / "reference_logps.pt").is_file()
