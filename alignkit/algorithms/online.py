@@ -1,0 +1,178 @@
+"""What PPO, GRPO, RLOO and REINFORCE share: the stage config, the rollout call, KL control, the run.
+
+The reference policy is the policy with its LoRA adapter disabled when `lora.r > 0` (no second copy);
+with full fine-tuning it is a frozen copy loaded from `reference` (default: the policy's own path).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from alignkit.config import option, save_config, to_dict
+from alignkit.engine.config import TrainConfig
+from alignkit.engine.online import OnlineConfig, fit_online
+from alignkit.errors import UserError
+from alignkit.models.load import LoraConfig, ModelConfig, load_causal_lm, load_tokenizer, save_model
+from alignkit.ops.logprobs import token_logps
+from alignkit.rewards.base import RewardConfig, build_reward
+from alignkit.rewards.kl import KL_CONTROLLERS
+from alignkit.rollout.generate import SamplingConfig
+from alignkit.rollout.rollout import Rollout, collect_rollout, stack_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    beta: float = option(0.05, "KL coefficient (the initial one when adaptive); 0 = no reference forward at all")
+    controller: Literal["fixed", "adaptive"] = option("fixed", "fixed beta, or Ziegler et al.'s adaptive controller")
+    target: float = option(6.0, "Adaptive: target KL per response (nats)")
+    horizon: int = option(10_000, "Adaptive: responses over which beta moves by at most 20%")
+    estimator: Literal["k1", "k2", "k3"] = option("k1", "Per-token KL estimator (Schulman's k1, k2, k3)")
+
+
+@dataclass(frozen=True)
+class RolloutSampling(SamplingConfig):
+    max_new_tokens: int = option(48, "Maximum number of tokens to generate per prompt (EOS included)")
+
+
+@dataclass(frozen=True)
+class RLTrainConfig(TrainConfig):
+    """TrainConfig for online stages: train.batch_size is the minibatch (responses per optimiser step);
+    epochs and max_steps are unused (see online.steps and online.epochs)."""
+
+    lr: float = option(1e-5, "Peak learning rate of AdamW")
+    schedule: Literal["cosine", "linear", "constant"] = option("constant", "Learning-rate decay after warm-up")
+    warmup_ratio: float = option(0.0, "Share of the steps spent warming the learning rate up from 0")
+
+
+# Nested defaults that differ per stage are subclasses (not `option(Cls(x=...))`), so that setting one
+# key of a section (`kl.beta=0.1`) keeps the stage's other defaults for that section.
+@dataclass(frozen=True)
+class OnlineStageConfig:
+    model: ModelConfig = option(ModelConfig(), "Policy to fine-tune (e.g. the SFT model)")
+    lora: LoraConfig = option(LoraConfig(), "LoRA adapter (r = 0: full fine-tuning with a frozen reference copy)")
+    reference: str | None = option(None, "Reference model dir for full fine-tuning; null = model.path")
+    prompts: str = option("demo", "JSONL of {prompt} or {messages} rows (+ fields for the reward); 'demo' = reviews")
+    max_prompts: int | None = option(None, "Use only the first N prompts")
+    reward: RewardConfig = option(RewardConfig(), "Reward sources (model, judge, function); at least one")
+    kl: KLConfig = option(KLConfig(), "KL to the reference")
+    sampling: RolloutSampling = option(RolloutSampling(), "Decoding of the rollouts")
+    online: OnlineConfig = option(OnlineConfig(), "Rollout batch, group size, epochs per rollout")
+    train: RLTrainConfig = option(RLTrainConfig(), "Optimisation; batch_size = minibatch (responses per optimiser step)")
+    output_dir: str = option("runs/rl", "Run directory: metrics.jsonl, checkpoints/, model/ (and adapter/ with LoRA)")
+
+    def validate(self):
+        self.online.check(self.train.batch_size)
+        if self.sampling.seed is not None:
+            raise UserError("sampling.seed must be null for training: rollouts draw from the run's generator "
+                            "(seeded by train.seed and restored on resume); a fixed seed would repeat every batch")
+
+
+class OnlineAlgorithm:
+    """Rollout collection, KL control and the engine protocol; subclasses add advantages and the loss."""
+
+    unit = "token"  # loss unit: "token" or "sequence"
+
+    def __init__(self, tokenizer, reward, cfg: OnlineStageConfig, reference=None):
+        self.tokenizer, self.reward, self.cfg, self.reference = tokenizer, reward, cfg, reference
+        k = cfg.kl
+        self.kl_ctl = KL_CONTROLLERS[k.controller](k.beta, k.target, k.horizon)
+        self.probe = None
+
+    def policy_of(self, model):
+        return model
+
+    def collect(self, model, prompts: list[dict], value_fn=None) -> Rollout:
+        from alignkit.models.load import unwrap
+
+        c = self.cfg
+        return collect_rollout(unwrap(self.policy_of(unwrap(model))), self.tokenizer, prompts, self.reward,
+                               c.sampling, group_size=c.online.group_size, reference=self.reference,
+                               need_ref=c.kl.beta > 0, value_fn=value_fn, no_eos_penalty=c.reward.no_eos_penalty,
+                               chat_template=c.online.chat_template)
+
+    def rollout_metrics(self, r: Rollout) -> dict:
+        """Score mean/std, length, sampled entropy -mean log pi(a_t), and (with a reference) the
+        sequence KL sum_t (log pi - log pi_ref) (k1, the controller's input)."""
+        mask = r.response_mask
+        out = {**r.metrics(), "entropy_sampled": float(-r.old_logps[mask].mean()) if mask.any() else 0.0,
+               "tokens_seen": int(r.prompt_mask.sum() + mask.sum())}
+        if self.cfg.kl.beta > 0:
+            out["kl"] = float((r.old_logps - r.ref_logps).masked_fill(~mask, 0.0).sum(-1).mean())
+        return out
+
+    def token_logps(self, logits, batch) -> torch.Tensor:
+        """Training log-probs (B, A); the first call of an update records max |logp_train - logp_rollout|."""
+        logps = token_logps(logits, batch["response_ids"]).masked_fill(~batch["response_mask"], 0.0)
+        if self.probe is None:
+            self.probe = float((logps.detach() - batch["old_logps"]).abs().max())
+        return logps
+
+    def units(self, row) -> int:
+        return int(row["response_mask"].sum()) if self.unit == "token" else 1
+
+    def prepare(self, rows):
+        return stack_rows(rows)
+
+    def after_update(self, metrics: dict) -> dict:
+        self.kl_ctl.update(metrics.get("kl", 0.0), self.cfg.online.rollout_size)
+        return {"beta": self.kl_ctl.beta}
+
+    def state_dict(self) -> dict:
+        return {"beta": self.kl_ctl.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_ctl.beta = state["beta"]
+
+
+def load_prompts(cfg: OnlineStageConfig) -> list[dict]:
+    from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows
+
+    path = cfg.prompts
+    if path == "demo":
+        from alignkit.tasks.demo_data import build_demo_data
+
+        path = str(build_demo_data()["prompts_train"])
+    return read_rows(path, PROMPT_SCHEMA)[: cfg.max_prompts]
+
+
+def load_reference(cfg: OnlineStageConfig):
+    """None with LoRA (adapter disabled) or beta = 0; else a frozen copy of the reference."""
+    if cfg.lora.r > 0 or cfg.kl.beta == 0:
+        return None
+    return load_causal_lm(ModelConfig(cfg.reference or cfg.model.path, cfg.model.dtype), trainable=False)
+
+
+def run_online(cfg: OnlineStageConfig, make_algorithm, desc: str) -> Path:
+    """Load everything, train with `fit_online`, save the policy; returns `output_dir/model`.
+
+    `make_algorithm(policy, tokenizer, reward, reference) -> (model to train, algorithm)`."""
+    from alignkit.algorithms.reference import disable_dropout
+    from alignkit.algorithms.sft import check_output_dir
+    from alignkit.engine.loop import Engine
+
+    out = Path(cfg.output_dir)
+    engine = Engine(cfg.train, out)
+    check_output_dir(out, cfg.train.resume)
+    tokenizer = load_tokenizer(cfg.model.path)
+    prompts = load_prompts(cfg)
+    policy = load_causal_lm(cfg.model, cfg.lora)
+    disable_dropout(policy)
+    reference = load_reference(cfg)
+    reward = build_reward(cfg.reward, device=str(engine.accelerator.device))
+    model, algorithm = make_algorithm(policy, tokenizer, reward, reference)
+    if engine.accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    model = fit_online(engine, model, algorithm, prompts, cfg.online, to_dict(cfg), desc=desc)
+    engine.accelerator.wait_for_everyone()
+    if engine.accelerator.is_main_process:
+        save_model(algorithm.policy_of(model), tokenizer, out)
+    engine.accelerator.wait_for_everyone()
+    return out / "model"

@@ -1,0 +1,103 @@
+"""Reward sources behind one interface, and how a run builds its reward from config.
+
+A reward source is any object with `score(prompts, completions, **row_fields) -> (B,) tensor`:
+a trained reward model (`rewards.reward_model.RewardModel`, normalised), a gold judge
+(`rewards.gold`, e.g. VADER), or any Python function `f(prompts, completions, **row_fields)`
+(verifiable rewards: a unit test, an exact-match check). `WeightedSum` adds several.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from alignkit.config import option
+from alignkit.errors import UserError
+
+
+class CallableReward:
+    """A reward source from `f(prompts, completions, **row_fields) -> sequence of B numbers`."""
+
+    def __init__(self, fn: Callable, name: str | None = None):
+        self.fn, self.name = fn, name or getattr(fn, "__name__", "function")
+
+    def score(self, prompts: Sequence, completions: Sequence[str], **row_fields) -> torch.Tensor:
+        out = torch.as_tensor(self.fn(prompts, completions, **row_fields), dtype=torch.float32).reshape(-1)
+        if out.numel() != len(completions):
+            raise UserError(f"reward function {self.name} returned {out.numel()} scores for "
+                            f"{len(completions)} completions")
+        return out
+
+    __call__ = score
+
+
+class WeightedSum:
+    """sum_i w_i * source_i(prompts, completions, **row_fields)."""
+
+    def __init__(self, sources: Sequence, weights: Sequence[float]):
+        self.sources, self.weights = list(sources), list(weights)
+
+    def score(self, prompts: Sequence, completions: Sequence[str], **row_fields) -> torch.Tensor:
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        for source, w in zip(self.sources, self.weights):
+            total += w * source.score(prompts, completions, **row_fields).float().cpu()
+        return total
+
+    __call__ = score
+
+
+def length_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Responses that hit the length limit without EOS get `penalty` as their score instead
+    (Ziegler et al. 2019 used -1 for samples that did not end; null keeps their score)."""
+    if penalty is None:
+        return scores
+    return torch.where(ended.to(scores.device), scores, torch.full_like(scores, penalty))
+
+
+def import_attr(spec: str, what: str):
+    if ":" not in spec:
+        raise UserError(f"{what} '{spec}' must be of the form 'package.module:function'")
+    module_name, attr = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{what} '{spec}': cannot import it ({e})") from None
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    model: str | None = option(None, "Reward model directory (alignkit rm's output); its normalisation is applied")
+    judge: str | None = option(None, "Gold judge of the completion text: 'vader' or 'package.module:text_function'")
+    function: str | None = option(None, "'package.module:f' with f(prompts, completions, **row_fields) -> B scores")
+    weights: list[float] | None = option(None, "Weights of model, judge, function (those set, in order); null = 1 each")
+    no_eos_penalty: float | None = option(None, "Score of responses cut at max_new_tokens without EOS; null = keep")
+
+    def validate(self):
+        n = sum(x is not None for x in (self.model, self.judge, self.function))
+        if n == 0:
+            raise UserError("set a reward: reward.model=DIR (a reward model), reward.judge=vader, or "
+                            "reward.function=package.module:f")
+        if self.weights is not None and len(self.weights) != n:
+            raise UserError(f"reward.weights has {len(self.weights)} entries for {n} reward sources")
+
+
+def build_reward(cfg: RewardConfig, device: str | None = None):
+    """The reward source of `cfg`: one source, or a weighted sum of the ones set."""
+    from alignkit.rewards.gold import load_judge
+
+    cfg.validate()  # a stage's default RewardConfig() is not validated when built, so check here
+    sources = []
+    if cfg.model is not None:
+        from alignkit.rewards.reward_model import RewardModel
+
+        sources.append(RewardModel(cfg.model, normalize=True, device=device))
+    if cfg.judge is not None:
+        sources.append(load_judge(cfg.judge))
+    if cfg.function is not None:
+        sources.append(CallableReward(import_attr(cfg.function, "reward.function"), cfg.function))
+    if len(sources) == 1 and cfg.weights is None:
+        return sources[0]
+    return WeightedSum(sources, cfg.weights or [1.0] * len(sources))

@@ -1,0 +1,149 @@
+"""The Rollout: what every online algorithm (PPO, GRPO, RLOO, REINFORCE) learns from, and its collection.
+
+    prompts ─► generate (policy, sampling)  ─► response_ids, response_mask, old_logps
+            ─► decode ─► reward.score(prompts, completions, **row_fields) ─► scores (length penalty)
+            ─► reference forward (LoRA: adapter disabled; else a frozen copy) ─► ref_logps
+            ─► critic forward (PPO only) ─► values
+
+`old_logps` are the sampler's own log-probs under log_softmax(logits / T): no extra forward pass.
+The first minibatch of each update checks them against the training forward (logged as
+`logp_diff_max`; it must be ~0, else generation and training disagree and the ratio is biased).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence
+
+import torch
+
+from alignkit.data.preference_tokens import prompt_ids
+from alignkit.data.preferences import prompt_of
+from alignkit.models.load import is_peft, unwrap
+from alignkit.ops.logprobs import token_logps
+from alignkit.rollout.generate import SamplingConfig, generate, prefill_positions
+
+
+@dataclass
+class Rollout:
+    """One rollout batch. B responses (prompts x group size), P prompt tokens, A response tokens."""
+
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded
+    prompt_mask: torch.Tensor  # (B, P) bool, True on real prompt tokens
+    response_ids: torch.Tensor  # (B, A) long, right-padded
+    response_mask: torch.Tensor  # (B, A) bool, True on generated tokens (EOS included)
+    old_logps: torch.Tensor  # (B, A) float32, log pi_old(a_t) at the sampling temperature; 0 where masked
+    ref_logps: torch.Tensor  # (B, A) float32, log pi_ref(a_t); 0 where masked (or everywhere if unused)
+    scores: torch.Tensor  # (B,) float32, reward of each whole response
+    group: torch.Tensor  # (B,) long, index of the prompt each response answers
+    values: torch.Tensor | None = None  # (B, A) float32, V(s_t) before each response token (PPO only)
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def rows(self, **extra: torch.Tensor) -> list[dict]:
+        """One dict of tensors per response (the engine's rows); `extra` adds per-row fields, e.g. advantages."""
+        columns = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        columns.update(extra)
+        return [{k: v[i] for k, v in columns.items()} for i in range(len(self))]
+
+    def metrics(self) -> dict:
+        lengths = self.response_mask.sum(-1).float()
+        return {"score_mean": float(self.scores.mean()), "score_std": float(self.scores.std(unbiased=False)),
+                "response_length": float(lengths.mean())}
+
+
+def stack_rows(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Rows of one rollout (same P and A) back into (b, ...) tensors: a micro-batch."""
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+@functools.lru_cache(maxsize=64)
+def _accepts_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def _keep(model, n: int) -> dict:
+    """Ask for the logits of the last n positions only: the output layer is a large share of a small
+    model's compute (SmolLM2: 28M of 135M parameters), and prompt positions need no logits."""
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return {"logits_to_keep": n} if _accepts_logits_to_keep(type(base)) else {}
+
+
+def forward_response(model, batch: dict, temperature: float = 1.0, hidden: bool = False):
+    """One teacher-forced forward over prompt + response: logits (B, A, V) of the response tokens and,
+    with `hidden`, the last hidden states (B, A, H) at the same positions (the states before each token)."""
+    p, a = batch["prompt_ids"].shape[1], batch["response_ids"].shape[1]
+    input_ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1)  # (B, T = P + A)
+    mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1).long()
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=prefill_positions(mask), use_cache=False,
+                output_hidden_states=hidden, **_keep(model, a + 1))
+    logits = out.logits[:, -(a + 1) : -1]  # position p - 1 + t predicts response token t
+    if temperature != 1.0:
+        logits = logits / temperature
+    states = out.hidden_states[-1][:, p - 1 : p + a - 1] if hidden else None
+    return logits, states
+
+
+def response_logps(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    logits, _ = forward_response(model, batch, temperature)
+    return token_logps(logits, batch["response_ids"]).masked_fill(~batch["response_mask"], 0.0)
+
+
+def reference_context(policy, reference):
+    """The reference forward: a separate frozen model, else the policy with its LoRA adapter disabled."""
+    if reference is not None:
+        return reference, contextlib.nullcontext()
+    if not is_peft(policy):
+        raise ValueError("a policy without a LoRA adapter needs a separate frozen reference model")
+    return unwrap(policy), unwrap(policy).disable_adapter()
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in seqs])
+    return ids, mask
+
+
+def _ended(gen, eos_ids: set[int]) -> torch.Tensor:
+    last = (gen.response_mask.sum(-1) - 1).clamp_min(0)
+    tokens = gen.response_ids.gather(1, last.unsqueeze(1)).squeeze(1)
+    return torch.tensor([int(t) in eos_ids for t in tokens.tolist()]) & (gen.response_mask.sum(-1) > 0).cpu()
+
+
+@torch.no_grad()
+def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: SamplingConfig, *, group_size: int = 1,
+                    reference=None, need_ref: bool = True, value_fn: Callable | None = None,
+                    no_eos_penalty: float | None = None, chat_template: bool = True,
+                    generator: torch.Generator | None = None) -> Rollout:
+    """Sample `group_size` responses to each prompt row and score them: a Rollout of len(rows) * group_size."""
+    from alignkit.rewards.base import length_penalty
+
+    device = next(unwrap(policy).parameters()).device
+    rows = [row for row in rows for _ in range(group_size)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = _left_pad([prompt_ids(prompt_of(r), tokenizer, chat_template) for r in rows], pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    gen = generate(policy, ids, mask, sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+                   generator=generator)
+    texts = tokenizer.batch_decode(gen.response_ids.masked_fill(~gen.response_mask, pad_id), skip_special_tokens=True)
+    extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "messages")}
+    scores = reward.score([prompt_of(r) for r in rows], texts, **extra).float().cpu()
+    scores = length_penalty(scores, _ended(gen, {tokenizer.eos_token_id}), no_eos_penalty)
+    group = torch.arange(len(rows) // group_size).repeat_interleave(group_size)
+    out = Rollout(ids, mask, gen.response_ids, gen.response_mask, gen.logps, torch.zeros_like(gen.logps),
+                  scores.to(device), group.to(device))
+    batch = {"prompt_ids": ids, "prompt_mask": mask, "response_ids": gen.response_ids,
+             "response_mask": gen.response_mask}
+    if need_ref:
+        model, context = reference_context(policy, reference)
+        with context:
+            out.ref_logps = response_logps(model, batch, sampling.temperature)
+    if value_fn is not None:
+        out.values = value_fn(batch).float().masked_fill(~gen.response_mask, 0.0)
+    return out
