@@ -23,6 +23,11 @@ STAGES = {
     "rloo": ("alignkit.algorithms.policy_gradient", "RLOOConfig", "run_rloo", "RLOO: leave-one-out baseline, KL in the reward"),
     "reinforce": ("alignkit.algorithms.policy_gradient", "REINFORCEConfig", "run_reinforce",
                   "REINFORCE with a moving-average baseline"),
+    "dpo": ("alignkit.algorithms.dpo", "DPOConfig", "run_dpo", "direct preference optimisation: loss=dpo|cdpo|ipo|simpo|orpo|kto"),
+    "best-of-n": ("alignkit.algorithms.best_of_n", "BestOfNConfig", "run_best_of_n",
+                  "sample N completions per prompt, keep the best by a reward source"),
+    "rejection-sampling": ("alignkit.algorithms.rejection_sampling", "RejectionSamplingConfig", "run_rejection_sampling",
+                           "iterated best-of-N fine-tuning (sample, keep the best, SFT)"),
     "demo": ("alignkit.tasks.demo", "DemoConfig", "run_demo", "the whole pipeline on the embedded SmolLM2"),
 }
 
