@@ -152,7 +152,7 @@ class Engine:
             log.info("resumed from %s (step %d of %d)", ckpts[-1], start, total)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        acc.init_trackers(self.run_dir.name, config=_flat(config or {}))
+        acc.init_trackers("alignkit", config=_flat(config or {}))  # TensorBoard: run_dir/alignkit
         logger = RunLogger(acc, self.run_dir, total, start, desc)
         eval_metrics = {}
         for step in range(start + 1, total + 1):

@@ -121,7 +121,7 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
     start = _resume(engine, model, algorithm, optimizer, scheduler)
     if acc.is_main_process:
         engine.run_dir.mkdir(parents=True, exist_ok=True)
-    acc.init_trackers(engine.run_dir.name, config=_flat(config or {}))
+    acc.init_trackers("alignkit", config=_flat(config or {}))
     logger = RunLogger(acc, engine.run_dir, online.steps, start, desc)
     for step in range(start + 1, online.steps + 1):
         prompts = prompt_batch(prompt_rows, step, online.prompts_per_step, cfg.seed)
