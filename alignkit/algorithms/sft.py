@@ -25,6 +25,7 @@ class SFTDataConfig:
     chat_template: bool = option(True, "Wrap rows in the tokenizer's chat template (prompt = user turn)")
     packing: bool = option(False, "Concatenate examples into blocks of max_length (fewer pad tokens)")
     max_rows: int | None = option(None, "Use only the first N training rows (quick runs)")
+    max_eval_rows: int | None = option(None, "Use only the first N held-out rows (cheaper evaluation)")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     train_rows = load_sft_dataset(train_path, tokenizer, d.max_length, d.chat_template, d.packing)
     train_rows = train_rows[: d.max_rows] if d.max_rows else train_rows
     eval_rows = load_sft_dataset(eval_path, tokenizer, d.max_length, d.chat_template, False) if eval_path else None
+    eval_rows = eval_rows[: d.max_eval_rows] if eval_rows and d.max_eval_rows else eval_rows
     model = load_causal_lm(cfg.model, cfg.lora)
     if engine.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ class DemoConfig:
     model: str = option("smollm2", "Base policy: 'smollm2' (embedded) or any HF directory / hub name")
     output_dir: str = option("runs/demo", "Where every stage writes its outputs")
     fresh: bool = option(False, "Delete output_dir first and run every stage again")
-    sft_steps: int = option(40, "SFT optimiser steps (batch 8, LoRA)")
+    sft_steps: int = option(24, "SFT optimiser steps (batch 8, LoRA)")
     lora_r: int = option(16, "LoRA rank used by the demo's training stages")
     sft_lr: float = option(3e-4, "SFT learning rate (LoRA)")
     samples: int = option(4, "Held-out prompts to show before/after")
@@ -55,7 +55,7 @@ def _sft(cfg: DemoConfig, root: Path) -> str:
     shutil.rmtree(out, ignore_errors=True)  # a run that died before its model was saved starts over
     train = TrainConfig(batch_size=8, micro_batch_size=8, max_steps=cfg.sft_steps, lr=cfg.sft_lr, seed=cfg.seed,
                         eval_every=cfg.sft_steps // 2)
-    sft = SFTConfig(model=ModelConfig(path=cfg.model), lora=LoraConfig(r=cfg.lora_r), data=SFTDataConfig(max_length=160),
+    sft = SFTConfig(model=ModelConfig(path=cfg.model), lora=LoraConfig(r=cfg.lora_r), data=SFTDataConfig(max_length=160, max_eval_rows=48),
                     train=train, output_dir=str(out))
     return str(run_sft(sft))
 
