@@ -58,15 +58,11 @@ def sample_k(model, tokenizer, rows: list[dict], k: int, sampling: SamplingConfi
 
 
 def run_rollout(cfg: RolloutConfig) -> str:
-    from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_jsonl
+    from alignkit.data.jsonl import write_jsonl
+    from alignkit.rollout.stage import read_prompts
 
     tokenizer = load_tokenizer(cfg.model.path)  # a wrong model path fails before any other work
-    path = cfg.prompts
-    if path == "demo":
-        from alignkit.tasks.demo_data import build_demo_data
-
-        path = str(build_demo_data()["prompts_train"])
-    rows = read_rows(path, PROMPT_SCHEMA)[: cfg.max_prompts]
+    rows = read_prompts(cfg.prompts, "prompts_train", cfg.max_prompts)
     model = load_causal_lm(cfg.model, trainable=False)
     out = sample_k(model, tokenizer, rows, cfg.k, cfg.sampling, cfg.batch_size, cfg.chat_template)
     if not out:

@@ -42,16 +42,22 @@ def sample_rows(model, tokenizer, rows: list[dict], sampling: SamplingConfig, ba
     return out
 
 
-def run_generate(cfg: GenerateConfig) -> str | None:
-    from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_jsonl
+def read_prompts(path: str, demo_split: str, limit: int | None = None) -> list[dict]:
+    """Prompt rows from a file, or from the embedded review prompts (`demo_split`) when `path` is 'demo'."""
+    from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows
 
-    tokenizer = load_tokenizer(cfg.model.path)  # a wrong model path fails before any other work
-    path = cfg.prompts
     if path == "demo":
         from alignkit.tasks.demo_data import build_demo_data
 
-        path = str(build_demo_data()["prompts_eval"])
-    rows = read_rows(path, PROMPT_SCHEMA)[: cfg.max_prompts]
+        path = str(build_demo_data()[demo_split])
+    return read_rows(path, PROMPT_SCHEMA)[:limit]
+
+
+def run_generate(cfg: GenerateConfig) -> str | None:
+    from alignkit.data.jsonl import write_jsonl
+
+    tokenizer = load_tokenizer(cfg.model.path)  # a wrong model path fails before any other work
+    rows = read_prompts(cfg.prompts, "prompts_eval", cfg.max_prompts)
     model = load_causal_lm(cfg.model, trainable=False)
     done = sample_rows(model, tokenizer, rows, cfg.sampling, cfg.batch_size, cfg.chat_template)
     for row in done[: cfg.show]:
