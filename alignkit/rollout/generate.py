@@ -118,14 +118,20 @@ def _accepts_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in params
 
 
+def _unwrap(model):
+    """The underlying HF model of a PEFT wrapper or a DDP/FSDP-style `.module` wrapper."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    inner = getattr(model, "module", None)
+    return _unwrap(inner) if isinstance(inner, torch.nn.Module) else model
+
+
 def _forward_kwargs(model) -> dict:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"logits_to_keep": 1} if _accepts_logits_to_keep(type(base)) else {}
+    return {"logits_to_keep": 1} if _accepts_logits_to_keep(type(_unwrap(model))) else {}
 
 
 def _config(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "config", None)
+    return getattr(_unwrap(model), "config", None)
 
 
 def prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """Demo preference data: pairs and rankings of the embedded review texts, labelled by simulated VADER labelers.
 
-Each comparison takes a demo prompt ("Write a short review of Zomig for migraine.") and, as its
-completions, that prompt's review plus other reviews of the same domain (drugs or airlines), so every
-completion answers the same prompt template. Training comparisons use only the SFT training reviews,
-held-out ones only the SFT eval reviews (`tasks.demo_data` splits them by subject), so no held-out
-text is seen in training. Labels come from `feedback.simulated` with the VADER judge at the tau whose
-analytic accuracy ceiling on the training pairs is `TARGET_CEILING`; the same tau labels every file.
+The texts are every cleaned drug review and airline tweet of the packaged demo sources (the readers
+and cleaning of `tasks.demo_data`, about 3,400 texts; the SFT demonstrations are a subset), split by
+`demo_data`'s held-out subjects: a text whose prompt is in `prompts_eval` is held out, so no held-out
+text or subject is seen in training. Each comparison takes a text's prompt ("Write a short review of
+Zomig for migraine.") and, as its completions, that text plus other texts of the same domain (drugs
+or airlines), so every completion answers the same prompt template. Labels come from
+`feedback.simulated` with the VADER judge at the tau whose analytic accuracy ceiling on the training
+pairs is `TARGET_CEILING`; the same tau labels every file.
 
 Files under `alignkit_home()/data/preferences/` (each with its `.ceiling.json`):
   pairs_train.jsonl (2,000 pairs), pairs_eval.jsonl (500), rankings_train.jsonl (300 rankings of K=4,
-  1,800 comparisons: the K-wise vs pairwise check). Pure function of the demo data and SEED.
+  1,800 comparisons: the K-wise vs pairwise check). Pure function of the demo sources and SEED.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from alignkit.data.jsonl import read_rows
 from alignkit.feedback.simulated import gold_scores, pair_gaps, simulate, tau_for_ceiling, write_labelled
 from alignkit.tasks.embedded import alignkit_home
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 SEED = 0
 TARGET_CEILING = 0.9
 SIZES = {"pairs_train": 2000, "pairs_eval": 500, "rankings_train": 300}
@@ -54,6 +56,25 @@ def completion_sets(reviews: list[dict], n: int, k: int, rng: random.Random, tag
     return sets
 
 
+def review_corpus() -> tuple[list[dict], list[dict]]:
+    """(training, held-out) texts `{prompt, completion, domain}`, split by demo_data's held-out subjects."""
+    from alignkit.tasks import demo_data as dd
+
+    held_out = {r["prompt"] for r in read_rows(dd.build_demo_data()["prompts_eval"])}
+    texts, seen = [], set()
+    for r in dd.read_drug_reviews():
+        text = dd.short_review(r["review"])
+        if text and text not in seen:
+            seen.add(text)
+            texts.append({"prompt": dd.drug_prompt(r["drug"], r["condition"]), "completion": text, "domain": "drug"})
+    for t in dd.read_airline_tweets():
+        if t["review"] not in seen:
+            seen.add(t["review"])
+            prompt = dd.AIRLINE_TEMPLATE.format(airline=t["airline"])
+            texts.append({"prompt": prompt, "completion": t["review"], "domain": "airline"})
+    return [t for t in texts if t["prompt"] not in held_out], [t for t in texts if t["prompt"] in held_out]
+
+
 def _paths(root: Path) -> dict[str, Path]:
     return {**{name: root / f"{name}.jsonl" for name in SIZES}, "manifest": root / "manifest.json"}
 
@@ -61,7 +82,6 @@ def _paths(root: Path) -> dict[str, Path]:
 def build_preference_demo(force: bool = False) -> dict[str, Path]:
     """Write the demo preference files once; returns their paths (pairs_train, pairs_eval, rankings_train, manifest)."""
     from alignkit.rewards.gold import VaderJudge
-    from alignkit.tasks.demo_data import build_demo_data
 
     paths = _paths(preference_demo_dir())
     try:
@@ -69,9 +89,8 @@ def build_preference_demo(force: bool = False) -> dict[str, Path]:
             return paths
     except (OSError, ValueError, KeyError):
         pass
-    demo = build_demo_data()
     rng = random.Random(SEED)
-    train, held_out = read_rows(demo["sft_train"]), read_rows(demo["sft_eval"])
+    train, held_out = review_corpus()
     judge = VaderJudge()
     sets = {"pairs_train": completion_sets(train, SIZES["pairs_train"], 2, rng, "train"),
             "pairs_eval": completion_sets(held_out, SIZES["pairs_eval"], 2, rng, "eval"),
