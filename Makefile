@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps $(EMBEDDED)
 	touch $@
 
+# The labelling app's browser test drives the system Chromium (never `playwright install`); it skips when absent.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install --quiet -e ".[embedded,test]"
+	$(PIP) install --quiet -e ".[embedded,test,label]"
+	test -x /usr/bin/chromium || apt-get install -y chromium || (apt-get update && apt-get install -y chromium) \
+		|| echo "chromium not installed: the browser test will skip"
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -38,7 +39,17 @@ STAGES = {
     "rejection-sampling": ("alignkit.algorithms.rejection_sampling", "RejectionSamplingConfig", "run_rejection_sampling",
                            "iterated best-of-N fine-tuning (sample, keep the best, SFT)"),
     "demo": ("alignkit.tasks.demo", "DemoConfig", "run_demo", "the whole pipeline on the embedded SmolLM2"),
+    "eval": ("alignkit.eval.evaluate", "EvalConfig", "run_eval",
+             "evaluate a policy: gold/proxy reward, win rate, KL, entropy, perplexity, text metrics -> JSON"),
+    "report": ("alignkit.eval.report", "ReportConfig", "run_report",
+               "HTML report of run directories (curves, reward-KL frontier, over-optimisation, samples)"),
+    "cai revise": ("alignkit.algorithms.constitutional", "ReviseConfig", "run_cai_revise",
+                   "Constitutional AI: critique -> revision traces and an SFT dataset of the revisions"),
+    "cai label": ("alignkit.algorithms.constitutional", "CAILabelConfig", "run_cai_label",
+                  "RLAIF: soft preference labels from an AI judge, both orders averaged"),
 }
+# `alignkit cai revise ...` is the stage "cai revise": a group name followed by its subcommand.
+GROUPS = {"cai": ("revise", "label")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,9 +67,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _group_argv(argv: list[str]) -> list[str] | None:
+    """["cai", "revise", ...] -> ["cai revise", ...]; None when a group is named without a subcommand."""
+    if argv and argv[0] in GROUPS:
+        if len(argv) < 2 or argv[1] not in GROUPS[argv[0]]:
+            return None
+        return [f"{argv[0]} {argv[1]}", *argv[2:]]
+    return argv
+
+
+def positional(module, overrides: list[str]) -> list[str]:
+    """A stage module naming a list field in `POSITIONAL` (report: `runs`) takes bare arguments as its items:
+    `alignkit report a b` is `alignkit report runs=[a,b]`."""
+    name = getattr(module, "POSITIONAL", None)
+    bare = [item for item in overrides if "=" not in item]
+    if name is None or not bare:
+        return overrides
+    return [item for item in overrides if "=" in item] + [f"{name}={json.dumps(bare)}"]
+
+
 def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["label"] and len(raw) > 1:  # `alignkit label serve|import|export|...`: the labelling app
+        from alignkit.feedback import label_cli
+
+        if raw[1] in label_cli.SUBCOMMANDS:
+            return label_cli.main(raw[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    grouped = _group_argv(raw)
+    if grouped is None:  # `alignkit cai` without a known subcommand
+        asked = raw[1:2] in (["-h"], ["--help"])
+        print(f"usage: alignkit {raw[0]} {{{','.join(GROUPS[raw[0]])}}} [--config FILE] [--print-config] "
+              f"[key=value ...]", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
+    args = parser.parse_args(grouped)
     if args.stage is None:
         parser.print_help()
         return 0
@@ -72,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
         module = importlib.import_module(module_name)
         config_cls = getattr(module, config_name)
-        overrides = list(args.overrides) + (["fresh=true"] if getattr(args, "fresh", False) else [])
+        overrides = positional(module, list(args.overrides))
+        overrides += ["fresh=true"] if getattr(args, "fresh", False) else []
         cfg = load_config(config_cls, args.config, overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")

@@ -195,8 +195,6 @@ def breakdown(model, ids, mask, n, eos, pad):
 
 def micro(model, batch: int, repeats: int = 10):
     """The two hot spots of model.generate() on this CPU, at decode shape: output layer and sampling."""
-    import numpy as np
-
     head = model.get_output_embeddings()
     w = head.weight.detach()
     x = torch.randn(batch, w.shape[1])

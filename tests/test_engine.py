@@ -1,6 +1,5 @@
 """The training engine: per-token accumulation, DDP equivalence, kill-and-resume, SFT learning."""
 
-import copy
 import json
 import math
 import os

@@ -45,9 +45,14 @@ def best_of_n_kl(n: int) -> float:
 
 
 def load_reward(spec: str):
-    """A reward source from a reward-model directory, 'vader', or 'package.module:function'."""
+    """A reward source from a reward-model directory, 'vader', 'ai-judge:MODEL[@PRINCIPLE]' (P(beats the
+    row's `reference` completion) under an AI judge) or 'package.module:function'."""
     from alignkit.rewards.gold import load_judge
 
+    if spec.startswith("ai-judge:"):
+        from alignkit.rewards.ai_judge import load_ai_judge
+
+        return load_ai_judge(spec)
     if Path(spec).is_dir():
         from alignkit.rewards.reward_model import RewardModel
 

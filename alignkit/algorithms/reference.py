@@ -134,10 +134,12 @@ def fingerprint(rows: list[dict], reference_id: str) -> str:
 @torch.no_grad()
 def score_reference(policy, algorithm, rows: list[dict], batch_size: int, device) -> torch.Tensor:
     """Reference log-probs (R, S) of the rows, in micro-batches, by `algorithm.reference_logps`."""
+    from tqdm.auto import tqdm
+
     out = []
     was_training = policy.training
     policy.eval()
-    for i in range(0, len(rows), batch_size):
+    for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", unit="batch", leave=False):
         batch = {k: v.to(device) for k, v in algorithm.prepare(rows[i : i + batch_size]).items()}
         out.append(algorithm.reference_logps(policy, batch).float().cpu())
     policy.train(was_training)

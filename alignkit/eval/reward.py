@@ -1,9 +1,71 @@
-"""Held-out metrics of a reward model on comparisons: accuracy, log loss, calibration, reward spread."""
+"""Reward metrics: calibration of probabilistic predictions (reward models, classifiers), win rates,
+and summaries of gold and proxy rewards.
+
+A reward model's comparison d = r_w - r_l predicts p = sigmoid(d) that the first completion wins
+(Bradley-Terry); a classifier predicts class probabilities. Both are scored the same way:
+log loss, Brier score, and the expected calibration error with its reliability table.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+
+def _as_distributions(prob: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions p (N, C) and targets q (N, C): (N,) probabilities of the positive class become [1 - p, p],
+    (N,) labels (hard 0/1 or soft probabilities) become [1 - y, y]; (N,) class indices with (N, C) p one-hot."""
+    prob = prob.double()
+    if prob.dim() == 1:
+        y = label.double()
+        return torch.stack([1 - prob, prob], -1), torch.stack([1 - y, y], -1)
+    return prob, F.one_hot(label.long(), prob.shape[-1]).double()
+
+
+def reliability(prob: torch.Tensor, label: torch.Tensor, bins: int = 10) -> dict:
+    """Top-label reliability table: conf_m = max_c p_mc, hit_m = q_m[argmax_c p_mc] (the target's probability of
+    the predicted class; 1/0 for hard labels), over `bins` equal-width bins of confidence on [1/C, 1].
+
+    Returns {"confidence": [...], "accuracy": [...], "count": [...], "low": 1/C}: per-bin means (None for an
+    empty bin) and counts. For a binary prediction p, conf = max(p, 1 - p) on [1/2, 1].
+    """
+    p, q = _as_distributions(prob, label)
+    conf, pred = p.max(-1)  # (N,)
+    hit = q.gather(-1, pred[:, None]).squeeze(-1)
+    low = 1.0 / p.shape[-1]
+    index = ((conf - low) / (1 - low) * bins).long().clamp(0, bins - 1)  # (N,)
+    count = torch.bincount(index, minlength=bins).double()
+    conf_sum = torch.bincount(index, weights=conf, minlength=bins)
+    hit_sum = torch.bincount(index, weights=hit, minlength=bins)
+
+    def means(total):
+        return [float(t / c) if c > 0 else None for t, c in zip(total, count)]
+
+    return {"confidence": means(conf_sum), "accuracy": means(hit_sum), "count": [int(c) for c in count], "low": low}
+
+
+def ece_of(table: dict) -> float:
+    """ECE = sum_b (n_b / N) |acc_b - conf_b| of a `reliability` table (Naeini et al. 2015; Guo et al. 2017)."""
+    n = sum(table["count"])
+    gaps = (c * abs(a - f) for a, f, c in zip(table["accuracy"], table["confidence"], table["count"]) if c)
+    return float(sum(gaps) / max(n, 1))
+
+
+def calibration(prob: torch.Tensor, label: torch.Tensor, bins: int = 10) -> dict:
+    """log_loss, brier, ece and the reliability table of probabilistic predictions.
+
+    prob (N,) = P(positive) with label (N,) in [0, 1], or prob (N, C) with class indices label (N,).
+        log_loss = mean_m -sum_c q_mc log p_mc                      (nats)
+        brier    = mean_m (p_m - y_m)^2               binary (N,) input
+                   mean_m sum_c (p_mc - q_mc)^2       (N, C) input (Brier 1950)
+    """
+    p, q = _as_distributions(prob, label)
+    log_loss = -(q * p.clamp_min(1e-12).log()).sum(-1).mean()
+    brier = ((p[:, 1] - q[:, 1]) ** 2).mean() if prob.dim() == 1 else ((p - q) ** 2).sum(-1).mean()
+    table = reliability(prob, label, bins)
+    return {"log_loss": float(log_loss), "brier": float(brier), "ece": ece_of(table), "reliability": table}
 
 
 def expected_calibration_error(delta: torch.Tensor, label: torch.Tensor, bins: int = 10) -> float:
@@ -15,26 +77,43 @@ def expected_calibration_error(delta: torch.Tensor, label: torch.Tensor, bins: i
     over `bins` equal-width bins of confidence on [1/2, 1]. `label` y is 1 for a hard preference
     (chosen won) or the probability that chosen is preferred; a hit is then the expected agreement.
     """
-    p = torch.sigmoid(delta.double())
-    y = label.double()
-    conf = torch.maximum(p, 1 - p)
-    hit = torch.where(p >= 0.5, y, 1 - y)
-    index = ((conf - 0.5) * 2 * bins).long().clamp(0, bins - 1)  # (M,)
-    count = torch.bincount(index, minlength=bins).double()
-    gap = torch.bincount(index, weights=hit - conf, minlength=bins).abs()
-    return float(gap.sum() / count.sum().clamp_min(1))
+    return ece_of(reliability(torch.sigmoid(delta.double()), label, bins))
 
 
 def comparison_metrics(delta: torch.Tensor, label: torch.Tensor | None = None, bins: int = 10) -> dict:
-    """accuracy, log_loss and ece of comparisons with d = r_w - r_l (M,) and labels y (default 1).
+    """accuracy, log_loss, brier and ece of comparisons with d = r_w - r_l (M,) and labels y (default 1),
+    plus the reliability table of p = sigmoid(d).
 
     accuracy = mean([d > 0] y + [d < 0] (1 - y) + [d = 0] / 2), the expected agreement with the labels;
-    log_loss = mean(-[y log sigmoid(d) + (1 - y) log sigmoid(-d)]) (nats).
+    log_loss = mean(-[y log sigmoid(d) + (1 - y) log sigmoid(-d)]) (nats); brier = mean((sigmoid(d) - y)^2).
     """
     delta = delta.double()
     y = torch.ones_like(delta) if label is None else label.double()
     agree = torch.where(delta > 0, y, 1 - y)
     agree = torch.where(delta == 0, torch.full_like(y, 0.5), agree)
     log_loss = -(y * F.logsigmoid(delta) + (1 - y) * F.logsigmoid(-delta))
-    return {"accuracy": float(agree.mean()), "log_loss": float(log_loss.mean()),
-            "ece": expected_calibration_error(delta, y, bins), "comparisons": int(delta.numel())}
+    cal = calibration(torch.sigmoid(delta), y, bins)
+    return {"accuracy": float(agree.mean()), "log_loss": float(log_loss.mean()), "brier": cal["brier"],
+            "ece": cal["ece"], "comparisons": int(delta.numel()), "reliability": cal["reliability"]}
+
+
+def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
+    """mean([s_i > b_i] + [s_i = b_i] / 2): how often the policy beats the baseline on the same prompt."""
+    s, b = scores.double(), baseline.double()
+    return float(((s > b).double() + 0.5 * (s == b).double()).mean())
+
+
+def describe(values: torch.Tensor) -> dict:
+    """mean, std (population), stderr = std_{n-1} / sqrt(n), min and max of a 1-D tensor."""
+    v = values.double()
+    n = v.numel()
+    stderr = float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return {"mean": float(v.mean()), "std": float(v.std(unbiased=False)), "stderr": stderr,
+            "min": float(v.min()), "max": float(v.max())}
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two 1-D tensors; nan when either is constant."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = x.norm() * y.norm()
+    return float((x * y).sum() / denom) if denom > 0 else float("nan")

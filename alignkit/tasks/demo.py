@@ -1,85 +1,210 @@
-"""`alignkit demo` (the README's main job): the pipeline on the embedded SmolLM2-135M-Instruct.
+"""`alignkit demo` (the README's main job): the whole RLHF pipeline on the embedded SmolLM2-135M-Instruct.
 
-So far: build the review data -> sample before -> SFT with LoRA -> sample after, printed side by side.
-Each stage is skipped when its output already exists; `--fresh` starts over.
+    demo data -> SFT (LoRA) -> K samples per prompt -> simulated labelers (gold judge, Plackett-Luce)
+    -> reward model (MiniLM, K-wise) -> PPO, GRPO (against the reward model), DPO (on the labels) and
+    best-of-N (reranked by the reward model), all from the same SFT policy
+    -> evaluation with the gold judge on held-out prompts -> HTML report + summary table
+
+Every stage calls the same function as its CLI stage and writes into its own directory under
+`output_dir`; a stage whose output exists is skipped, so re-running is cheap (`--fresh` starts over).
+`examples/demo.yaml` is this config with every key: copy it, point `model`, `sft_data`, `prompts`,
+`eval_prompts` and `gold` at your own, and run `alignkit demo --config my_demo.yaml`.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.config import option
 from alignkit.engine.config import TrainConfig
-from alignkit.models.load import LoraConfig, ModelConfig, load_causal_lm, load_tokenizer
+from alignkit.models.load import LoraConfig, ModelConfig
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     model: str = option("smollm2", "Base policy: 'smollm2' (embedded) or any HF directory / hub name")
+    sft_data: str = option("demo", "SFT demonstrations JSONL; 'demo' = the embedded review demonstrations")
+    prompts: str = option("demo", "Training prompts JSONL (rollouts, RL); 'demo' = embedded review prompts")
+    eval_prompts: str = option("demo", "Held-out prompts JSONL for evaluation; 'demo' = embedded held-out prompts")
+    gold: str = option("vader", "Gold judge: labels the comparisons and scores the evaluation")
+    reward_backbone: str = option("minilm", "Reward-model backbone ('minilm' = embedded all-MiniLM-L6-v2)")
     output_dir: str = option("runs/demo", "Where every stage writes its outputs")
     fresh: bool = option(False, "Delete output_dir first and run every stage again")
-    sft_steps: int = option(24, "SFT optimiser steps (batch 8, LoRA)")
-    lora_r: int = option(16, "LoRA rank used by the demo's training stages")
+    lora_r: int = option(16, "LoRA rank of every policy-training stage")
+    max_new_tokens: int = option(24, "Longest sampled response (rollouts, RL, evaluation)")
+    sft_steps: int = option(16, "SFT optimiser steps (batch 8)")
     sft_lr: float = option(3e-4, "SFT learning rate (LoRA)")
-    samples: int = option(4, "Held-out prompts to show before/after")
-    max_new_tokens: int = option(48, "Longest sample")
+    rm_prompts: int = option(96, "Prompts sampled K times for labelling (the reward model's data)")
+    k: int = option(4, "Completions per prompt for the labelers to rank")
+    label_ceiling: float = option(0.9, "Labeler noise: tau solved so the pairwise accuracy ceiling is this")
+    rm_epochs: int = option(2, "Reward-model epochs")
+    ppo_steps: int = option(10, "PPO rollout-and-update steps (8 prompts each)")
+    grpo_steps: int = option(12, "GRPO steps (2 prompts x 4 responses each)")
+    dpo_steps: int = option(16, "DPO optimiser steps (batch 8 pairs)")
+    rl_lr: float = option(3e-4, "Learning rate of PPO, GRPO and DPO (LoRA)")
+    kl_beta: float = option(0.05, "KL coefficient of PPO and GRPO; DPO's beta is 0.1")
+    best_of_n: int = option(4, "N of best-of-N (reranked by the reward model)")
+    eval_prompts_n: int = option(32, "Held-out prompts per evaluation")
     seed: int = option(0, "Seed for data order and sampling")
 
 
-def _samples(model_path: str, prompts: list[dict], cfg: DemoConfig, out: Path, desc: str) -> list[dict]:
-    from alignkit.data.jsonl import write_jsonl
-    from alignkit.rollout.generate import SamplingConfig
-    from alignkit.rollout.stage import sample_rows
-
-    if out.exists():
-        return [json.loads(line) for line in out.read_text().splitlines()]
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(ModelConfig(path=model_path), trainable=False)
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.7, top_p=0.9, seed=cfg.seed)
-    rows = sample_rows(model, tokenizer, prompts, sampling, batch_size=len(prompts), chat=True, desc=desc)
-    write_jsonl(out, rows)
-    return rows
+def _done(path: Path, label: str) -> bool:
+    if path.exists():
+        print(f"      (skipped: {path} exists)")
+        return True
+    print(f"      {label}")
+    return False
 
 
-def _sft(cfg: DemoConfig, root: Path) -> str:
+def _sft(cfg: DemoConfig, root: Path) -> Path:
     from alignkit.algorithms.sft import SFTConfig, SFTDataConfig, run_sft
 
     out = root / "sft"
-    if (out / "model").is_dir():
-        return str(out / "model")
-    shutil.rmtree(out, ignore_errors=True)  # a run that died before its model was saved starts over
-    train = TrainConfig(batch_size=8, micro_batch_size=8, max_steps=cfg.sft_steps, lr=cfg.sft_lr, seed=cfg.seed,
-                        eval_every=cfg.sft_steps // 2)
-    sft = SFTConfig(model=ModelConfig(path=cfg.model), lora=LoraConfig(r=cfg.lora_r), data=SFTDataConfig(max_length=160, max_eval_rows=48),
-                    train=train, output_dir=str(out))
-    return str(run_sft(sft))
+    if not _done(out / "model", "supervised fine-tuning (LoRA) on the demonstrations"):
+        shutil.rmtree(out, ignore_errors=True)  # a run that died before its model was saved starts over
+        train = TrainConfig(batch_size=8, micro_batch_size=8, max_steps=cfg.sft_steps, lr=cfg.sft_lr, seed=cfg.seed,
+                            eval_every=cfg.sft_steps, report_to=[])
+        data = SFTDataConfig(train=cfg.sft_data, eval="demo" if cfg.sft_data == "demo" else None, max_length=160,
+                             max_eval_rows=48)
+        run_sft(SFTConfig(model=ModelConfig(path=cfg.model), lora=LoraConfig(r=cfg.lora_r), data=data, train=train,
+                          output_dir=str(out)))
+    return out / "model"
+
+
+def _labels(cfg: DemoConfig, root: Path, policy: Path) -> Path:
+    from alignkit.feedback.simulated import LabelConfig, run_label
+    from alignkit.rollout.generate import SamplingConfig
+    from alignkit.rollout.k_samples import RolloutConfig, run_rollout
+
+    completions, labels = root / "rollout" / "completions.jsonl", root / "labels" / "rankings.jsonl"
+    if not _done(completions, f"{cfg.k} samples per prompt from the SFT policy, {cfg.rm_prompts} prompts"):
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=1, seed=cfg.seed)
+        run_rollout(RolloutConfig(model=ModelConfig(path=str(policy)), prompts=cfg.prompts, output=str(completions),
+                                  k=cfg.k, sampling=sampling, batch_size=32, max_prompts=cfg.rm_prompts))
+    if not _done(labels, f"simulated labelers rank them (gold judge '{cfg.gold}', Plackett-Luce noise)"):
+        run_label(LabelConfig(input=str(completions), output=str(labels), mode="rankings", judge=cfg.gold,
+                              target_ceiling=cfg.label_ceiling, seed=cfg.seed))
+    return labels
+
+
+def _reward_model(cfg: DemoConfig, root: Path, labels: Path) -> Path:
+    from alignkit.algorithms.reward_model import RewardModelConfig, RMDataConfig, run_rm
+
+    out = root / "rm"
+    if not _done(out / "model", f"reward model: {cfg.reward_backbone} + LoRA, K-wise loss"):
+        shutil.rmtree(out, ignore_errors=True)
+        train = TrainConfig(batch_size=8, micro_batch_size=8, epochs=cfg.rm_epochs, lr=1e-3, seed=cfg.seed,
+                            report_to=[])
+        run_rm(RewardModelConfig(model=ModelConfig(path=cfg.reward_backbone), lora=LoraConfig(r=16),
+                                 data=RMDataConfig(train=str(labels), eval=None, kwise=True, max_length=128),
+                                 train=train, output_dir=str(out)))
+    return out / "model"
+
+
+def _online(cfg: DemoConfig, root: Path, name: str, policy: Path, rm: Path) -> Path:
+    from alignkit.algorithms.online import RLTrainConfig, RolloutSampling
+    from alignkit.rewards.base import RewardConfig
+
+    out = root / name
+    if _done(out / "model", f"{name.upper()} against the reward model (KL beta {cfg.kl_beta} to the SFT policy)"):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    common = dict(model=ModelConfig(path=str(policy)), lora=LoraConfig(r=cfg.lora_r), prompts=cfg.prompts,
+                  reward=RewardConfig(model=str(rm)), sampling=RolloutSampling(max_new_tokens=cfg.max_new_tokens),
+                  output_dir=str(out))
+    if name == "ppo":
+        from alignkit.algorithms.ppo import PPOConfig, PPOOnline, run_ppo
+        from alignkit.algorithms.online import KLConfig
+
+        train = RLTrainConfig(batch_size=8, micro_batch_size=8, lr=cfg.rl_lr, seed=cfg.seed, report_to=[])
+        run_ppo(PPOConfig(**common, kl=KLConfig(beta=cfg.kl_beta), online=PPOOnline(steps=cfg.ppo_steps,
+                          prompts_per_step=8, epochs=2), train=train))
+    else:
+        from alignkit.algorithms.policy_gradient import K3KL, GRPOConfig, GroupOnline, run_grpo
+
+        train = RLTrainConfig(batch_size=8, micro_batch_size=8, lr=cfg.rl_lr, seed=cfg.seed, report_to=[])
+        run_grpo(GRPOConfig(**common, kl=K3KL(beta=cfg.kl_beta), online=GroupOnline(steps=cfg.grpo_steps),
+                            train=train))
+    return out
+
+
+def _dpo(cfg: DemoConfig, root: Path, policy: Path, labels: Path) -> Path:
+    from alignkit.algorithms.dpo import DPOConfig, DPODataConfig, KLEvalConfig, run_dpo
+
+    out = root / "dpo"
+    if not _done(out / "model", "DPO on the labelled comparisons (beta 0.1, reference = SFT policy)"):
+        shutil.rmtree(out, ignore_errors=True)
+        train = TrainConfig(batch_size=8, micro_batch_size=8, max_steps=cfg.dpo_steps, lr=cfg.rl_lr, seed=cfg.seed,
+                            report_to=[])
+        run_dpo(DPOConfig(model=ModelConfig(path=str(policy)), lora=LoraConfig(r=cfg.lora_r),
+                          data=DPODataConfig(train=str(labels), eval=None, max_length=128,
+                                             max_rows=cfg.dpo_steps * 8),  # reference log-probs of used rows only
+                          train=train,
+                          kl=KLEvalConfig(samples=0), output_dir=str(out)))
+    return out
+
+
+def _best_of_n(cfg: DemoConfig, root: Path, policy: Path, rm: Path) -> Path:
+    from alignkit.algorithms.best_of_n import BestOfNConfig, run_best_of_n
+    from alignkit.rollout.generate import SamplingConfig
+
+    out = root / f"best_of_{cfg.best_of_n}"
+    if not _done(out / "summary.json", f"best-of-{cfg.best_of_n}: sample, keep the reward model's favourite"):
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        run_best_of_n(BestOfNConfig(model=ModelConfig(path=str(policy)), prompts=cfg.eval_prompts, reward=str(rm),
+                                    gold=cfg.gold, n=[1, cfg.best_of_n], sampling=sampling, batch_size=32,
+                                    max_prompts=cfg.eval_prompts_n, output_dir=str(out)))
+    return out
+
+
+def _evaluate(cfg: DemoConfig, run: Path, method: str, sft: Path, rm: Path) -> None:
+    from alignkit.eval.evaluate import EvalConfig, EvalSampling, GoldRewardConfig, run_eval
+    from alignkit.rewards.base import RewardConfig
+
+    if _done(run / "eval" / "final.json", f"evaluate {method}: gold and proxy reward, KL to SFT, text metrics"):
+        return
+    run_eval(EvalConfig(policy=str(run / "model"), reference=str(sft), prompts=cfg.eval_prompts,
+                        max_prompts=cfg.eval_prompts_n, gold=GoldRewardConfig(judge=cfg.gold),
+                        proxy=RewardConfig(model=str(rm)), sampling=EvalSampling(max_new_tokens=cfg.max_new_tokens),
+                        batch_size=32, method=method, show=0))
 
 
 def run_demo(cfg: DemoConfig) -> str:
-    from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows
-    from alignkit.tasks.demo_data import build_demo_data
+    from alignkit.eval.report import load_run, summary_table, write_report
 
     root = Path(cfg.output_dir)
     if cfg.fresh:
         shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = build_demo_data()
-    prompts = read_rows(str(data["prompts_eval"]), PROMPT_SCHEMA)[: cfg.samples]
-    print(f"[1/3] samples from the base model ({cfg.model})")
-    before = _samples(cfg.model, prompts, cfg, root / "samples_base.jsonl", "sample base")
-    print("[2/3] supervised fine-tuning (LoRA) on the review demonstrations")
-    sft_model = _sft(cfg, root)
-    print("[3/3] samples from the SFT policy")
-    after = _samples(sft_model, prompts, cfg, root / "samples_sft.jsonl", "sample sft")
-    for b, a in zip(before, after):
-        print("\n=== " + b["prompt"])
-        print("  base: " + textwrap.shorten(b["completion"], 300))
-        print("  sft:  " + textwrap.shorten(a["completion"], 300))
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; outputs in {root}")
-    return str(root)
+    steps = []
+
+    def stage(title: str):
+        steps.append(title)
+        print(f"[{len(steps)}/7 {time.perf_counter() - t0:5.0f} s] {title}")
+
+    stage("SFT")
+    sft = _sft(cfg, root)
+    stage("human feedback (simulated)")
+    labels = _labels(cfg, root, sft)
+    stage("reward model")
+    rm = _reward_model(cfg, root, labels)
+    stage("RL: PPO and GRPO")
+    runs = {"ppo": _online(cfg, root, "ppo", sft, rm), "grpo": _online(cfg, root, "grpo", sft, rm)}
+    stage("DPO")
+    runs["dpo"] = _dpo(cfg, root, sft, labels)
+    stage("best-of-N")
+    bon = _best_of_n(cfg, root, sft, rm)
+    stage("evaluation")
+    for method, run in {"sft": sft.parent, **runs}.items():
+        _evaluate(cfg, run, method, sft, rm)
+    report = write_report([sft.parent, *runs.values(), bon], root / "report.html",
+                          title="alignkit demo: SmolLM2-135M-Instruct, VADER gold judge" if cfg.model == "smollm2"
+                          else f"alignkit demo: {cfg.model}")
+    print()
+    print(summary_table([load_run(p) for p in (sft.parent, *runs.values(), bon)]))
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; report: {Path(report).resolve()}")
+    return str(report)

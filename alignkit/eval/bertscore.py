@@ -1,0 +1,105 @@
+"""BERTScore (Zhang et al. 2020, "BERTScore: Evaluating Text Generation with BERT") by greedy matching of
+contextual token embeddings, computed with the embedded all-MiniLM-L6-v2 by default.
+
+With reference tokens x (embeddings x_i) and candidate tokens x^ (x^_j), all L2-normalised:
+    R = sum_i w(x_i) max_j x_i . x^_j / sum_i w(x_i)
+    P = sum_j w(x^_j) max_i x_i . x^_j / sum_j w(x^_j)
+    F = 2 P R / (P + R)
+with w = 1 (default) or w = idf(w) = log((M + 1) / (df(w) + 1)) over the M references (the paper's
+plus-one smoothing, as in the authors' `bert_score` package). Special tokens ([CLS], [SEP]) are left out.
+With several references per candidate the one with the best F counts (as `bert_score` does).
+
+Differences from the published default: the paper and `bert_score` use roberta-large (layer 17) for
+English; we use all-MiniLM-L6-v2's last layer (or `layer`), which runs offline and fast on a CPU, and
+no baseline rescaling. Scores are comparable between runs of alignkit, not with published numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import Counter
+from typing import Sequence
+
+import torch
+
+
+class BERTScorer:
+    """`scorer.score(candidates, references) -> {"precision", "recall", "f1"}` tensors (N,).
+
+    `model` is a model directory ('minilm' = the embedded MiniLM) or a loaded encoder with `tokenizer`.
+    """
+
+    def __init__(self, model="minilm", tokenizer=None, layer: int | None = None, idf: bool = False,
+                 batch_size: int = 32, max_length: int = 512):
+        if isinstance(model, str):
+            from transformers import AutoModel, AutoTokenizer
+
+            from alignkit.tasks.embedded import resolve_model
+
+            path = resolve_model(model)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.layer, self.idf, self.batch_size, self.max_length = layer, idf, batch_size, max_length
+        self.inputs = set(inspect.signature(self.model.forward).parameters)  # e.g. no token_type_ids for Llama
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> list[tuple[torch.Tensor, list[int]]]:
+        """Per text: normalised embeddings (L, H) of its non-special tokens and their token ids."""
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(list(texts[i : i + self.batch_size]), padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt", return_special_tokens_mask=True)
+            keep = enc.pop("special_tokens_mask").eq(0) & enc["attention_mask"].bool()  # (b, T)
+            inputs = {k: v.to(device) for k, v in enc.items() if k in self.inputs}
+            result = self.model(**inputs, output_hidden_states=self.layer is not None)
+            states = result.last_hidden_state if self.layer is None else result.hidden_states[self.layer]
+            states = torch.nn.functional.normalize(states.float(), dim=-1).cpu()  # (b, T, H)
+            for row, mask, ids in zip(states, keep, enc["input_ids"]):
+                out.append((row[mask], ids[mask].tolist()))
+        return out
+
+    def _weights(self, ids: list[int], idf: dict | None) -> torch.Tensor:
+        if idf is None:
+            return torch.ones(len(ids))
+        return torch.tensor([idf.get(i, idf[None]) for i in ids])
+
+    def score(self, candidates: Sequence[str], references: Sequence) -> dict[str, torch.Tensor]:
+        """P, R, F1 (N,) of each candidate against its reference (a string or a list of strings)."""
+        refs = [[r] if isinstance(r, str) else list(r) for r in references]
+        flat = [r for row in refs for r in row]
+        ref_emb = self.embed(flat)
+        cand_emb = self.embed(list(candidates))
+        idf = idf_table([ids for _, ids in ref_emb]) if self.idf else None
+        out = {"precision": [], "recall": [], "f1": []}
+        start = 0
+        for (c, c_ids), row in zip(cand_emb, refs):
+            best = max((greedy_match(c, self._weights(c_ids, idf), r, self._weights(r_ids, idf))
+                        for r, r_ids in ref_emb[start : start + len(row)]), key=lambda prf: prf[2])
+            start += len(row)
+            for key, value in zip(out, best):
+                out[key].append(value)
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+
+
+def idf_table(docs: Sequence[Sequence[int]]) -> dict:
+    """idf(w) = log((M + 1) / (df(w) + 1)) over M documents of token ids; key None = unseen token (df 0)."""
+    m = len(docs)
+    df = Counter(w for doc in docs for w in set(doc))
+    table = {w: math.log((m + 1) / (n + 1)) for w, n in df.items()}
+    table[None] = math.log(m + 1)
+    return table
+
+
+def greedy_match(cand: torch.Tensor, cand_w: torch.Tensor, ref: torch.Tensor, ref_w: torch.Tensor
+                 ) -> tuple[float, float, float]:
+    """(P, R, F1) of candidate embeddings (Lc, H) against reference embeddings (Lr, H), both normalised."""
+    if len(cand) == 0 or len(ref) == 0:
+        return 0.0, 0.0, 0.0
+    sim = cand @ ref.T  # (Lc, Lr) cosine similarities
+    precision = float((sim.max(1).values * cand_w).sum() / cand_w.sum().clamp_min(1e-12))
+    recall = float((sim.max(0).values * ref_w).sum() / ref_w.sum().clamp_min(1e-12))
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return precision, recall, f1

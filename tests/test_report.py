@@ -1,0 +1,103 @@
+"""`alignkit report`: HTML with embedded PNG plots and the terminal table, from two hand-made run directories."""
+
+import base64
+import json
+import re
+
+import pytest
+
+from alignkit.cli import main
+from alignkit.eval.plots import gold_peaks
+from alignkit.eval.report import load_run, points, summary_table, write_report
+
+
+def _eval(step, kl, gold, proxy, method, completion="after"):
+    metrics = {"kl": kl, "reward/gold": gold, "reward/proxy": proxy, "reference/reward/gold": 0.1,
+               "reference/reward/proxy": 0.0, "text/distinct-2": 0.5, "perplexity": 12.0}
+    samples = [{"prompt": "Write a review.", "completion": completion, "reference_completion": "before text",
+                "gold": gold, "reference_gold": 0.1}]
+    calibration = {"proxy": {"reliability": {"confidence": [0.55, None, 0.95], "accuracy": [0.5, None, 1.0],
+                                             "count": [3, 0, 1], "low": 0.5}}}
+    return {"kind": "alignkit.eval", "format": 1, "step": step, "method": method, "metrics": metrics,
+            "calibration": calibration, "samples": samples}
+
+
+@pytest.fixture
+def run_dirs(tmp_path):
+    ppo, dpo = tmp_path / "ppo", tmp_path / "dpo"
+    (ppo / "eval").mkdir(parents=True)
+    (dpo / "eval").mkdir(parents=True)
+    rl = [{"step": s, "score_mean": 0.1 * s, "kl": 0.5 * s, "entropy": 2 - 0.1 * s, "loss": 1 / s, "lr": 1e-5}
+          for s in range(1, 6)]
+    (ppo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rl) + '{"step": 6, "lo')  # still writing
+    dp = [{"step": s, "loss": 0.7 - 0.1 * s, "rewards/margin": 0.2 * s, "lr": 5e-7} for s in range(1, 4)]
+    dp.append({"step": 3, "eval/loss": 0.5})
+    (dpo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dp))
+    for step, kl, gold, proxy in [(10, 1.0, 0.3, 0.5), (20, 4.0, 0.6, 1.5), (None, 9.0, 0.4, 2.5)]:
+        name = "final" if step is None else f"step-{step}"
+        (ppo / "eval" / f"{name}.json").write_text(json.dumps(_eval(step, kl, gold, proxy, "ppo", "<b>great</b>")))
+    (dpo / "eval" / "final.json").write_text(json.dumps(_eval(None, 2.0, 0.5, None, "dpo")))
+    (dpo / "eval" / "notes.json").write_text(json.dumps({"something": "else"}))  # not an eval: ignored
+    (dpo / "summary.json").write_text(json.dumps([{"n": 1, "kl_analytic": 0.0, "reward": 0.0, "gold": 0.1},
+                                                  {"n": 4, "kl_analytic": 0.636, "reward": 1.0, "gold": 0.45}]))
+    return ppo, dpo
+
+
+def test_load_run_reads_what_is_there(run_dirs):
+    ppo = load_run(run_dirs[0])
+    assert len(ppo.curves) == 5  # the half-written last line is skipped
+    assert [e["step"] for e in ppo.evals] == [10, 20, None]  # steps in order, final last
+    assert ppo.method == "ppo"
+    dpo = load_run(run_dirs[1])
+    assert len(dpo.evals) == 1 and len(dpo.best_of_n) == 2
+
+
+def test_points_and_gold_peak(run_dirs):
+    pts = points([load_run(d) for d in run_dirs])
+    ppo = [p for p in pts if p["method"] == "ppo"]
+    assert [(p["label"], p["kl"]) for p in ppo] == [("reference", 0.0), ("step 10", 1.0), ("step 20", 4.0),
+                                                    ("final", 9.0)]
+    peaks = gold_peaks(pts)
+    assert peaks["ppo"]["kl"] == 4.0 and peaks["ppo"]["gold"] == 0.6  # gold peaks, then falls while proxy rises
+    assert peaks["best-of-N (dpo)"]["label"] == "N=4"
+
+
+def test_report_html_has_png_plots_and_samples(run_dirs, tmp_path):
+    out = write_report(run_dirs, tmp_path / "out" / "report.html")
+    page = out.read_text()
+    images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)"', page)
+    alts = [alt for alt, _ in images]
+    # curves of both runs, frontier, over-optimisation, one reliability diagram per run
+    assert alts == ["training curves of ppo", "training curves of dpo", "reward-KL frontier", "over-optimisation",
+                    "ppo: proxy RM vs gold", "dpo: proxy RM vs gold"]
+    for _, data in images:
+        assert base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n")
+    assert "&lt;b&gt;great&lt;/b&gt;" in page and "<b>great</b>" not in page  # completions are escaped
+    assert "before text" in page
+    peak = re.search(r"<tr><td>ppo</td><td>([^<]*)</td><td class=num>([^<]*)</td>", page.split("peaks at")[1])
+    assert peak.groups() == ("step 20", "4")  # gold peaks at step 20 (KL 4), then falls while proxy rises
+
+
+def test_summary_table_and_cli(run_dirs, tmp_path, capsys):
+    table = summary_table(run_dirs).splitlines()
+    assert table[0].split() == ["method", "point", "gold", "proxy", "KL", "distinct-2", "perplexity"]
+    rows = [line.split() for line in table[2:]]
+    assert ["ppo", "final", "0.4", "2.5", "9", "0.5", "12"] in rows
+    assert ["dpo", "final", "0.5", "-", "2", "0.5", "12"] in rows
+    assert ["ppo", "reference", "0.1", "0", "0", "-", "-"] in rows  # KL 0 by definition
+    out = tmp_path / "r.html"
+    assert main(["report", str(run_dirs[0]), str(run_dirs[1]), f"output={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "distinct-2" in printed and str(out) in printed and out.is_file()
+    configs = []
+    for argv in ([str(run_dirs[0]), str(run_dirs[1])], [f"runs=[{run_dirs[0]},{run_dirs[1]}]"]):
+        assert main(["report", *argv, "samples=2", "--print-config"]) == 0
+        configs.append(capsys.readouterr().out)
+    assert configs[0] == configs[1] and f"runs: [{run_dirs[0]}, {run_dirs[1]}]" in configs[0]
+
+
+def test_report_errors(tmp_path, capsys):
+    assert main(["report"]) == 2
+    assert "name at least one run directory" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
