@@ -140,9 +140,8 @@ def _dpo(cfg: DemoConfig, root: Path, policy: Path, labels: Path) -> Path:
         train = TrainConfig(batch_size=8, micro_batch_size=8, max_steps=cfg.dpo_steps, lr=cfg.rl_lr, seed=cfg.seed,
                             report_to=[])
         run_dpo(DPOConfig(model=ModelConfig(path=str(policy)), lora=LoraConfig(r=cfg.lora_r),
-                          data=DPODataConfig(train=str(labels), eval=None, max_length=128,
-                                             max_rows=cfg.dpo_steps * 8),  # reference log-probs of used rows only
-                          train=train,
+                          data=DPODataConfig(train=str(labels), eval=None, max_length=128), train=train,
+                          reference="live",  # scores only the pairs drawn in dpo_steps, not the whole file
                           kl=KLEvalConfig(samples=0), output_dir=str(out)))
     return out
 
