@@ -44,7 +44,8 @@ class DemoConfig:
     ppo_steps: int = option(10, "PPO rollout-and-update steps (8 prompts each)")
     grpo_steps: int = option(12, "GRPO steps (2 prompts x 4 responses each)")
     dpo_steps: int = option(16, "DPO optimiser steps (batch 8 pairs)")
-    rl_lr: float = option(3e-4, "Learning rate of PPO, GRPO and DPO (LoRA)")
+    rl_lr: float = option(3e-4, "Learning rate of PPO and GRPO (LoRA)")
+    dpo_lr: float = option(1e-3, "Learning rate of DPO (LoRA)")
     kl_beta: float = option(0.05, "KL coefficient of PPO and GRPO; DPO's beta is 0.1")
     best_of_n: int = option(4, "N of best-of-N (reranked by the reward model)")
     eval_prompts_n: int = option(32, "Held-out prompts per evaluation")
@@ -137,7 +138,7 @@ def _dpo(cfg: DemoConfig, root: Path, policy: Path, labels: Path) -> Path:
     out = root / "dpo"
     if not _done(out / "model", "DPO on the labelled comparisons (beta 0.1, reference = SFT policy)"):
         shutil.rmtree(out, ignore_errors=True)
-        train = TrainConfig(batch_size=8, micro_batch_size=8, max_steps=cfg.dpo_steps, lr=cfg.rl_lr, seed=cfg.seed,
+        train = TrainConfig(batch_size=8, micro_batch_size=8, max_steps=cfg.dpo_steps, lr=cfg.dpo_lr, seed=cfg.seed,
                             report_to=[])
         run_dpo(DPOConfig(model=ModelConfig(path=str(policy)), lora=LoraConfig(r=cfg.lora_r),
                           data=DPODataConfig(train=str(labels), eval=None, max_length=128), train=train,
