@@ -20,7 +20,7 @@ from alignkit.data.preference_tokens import Seq, collate_sequences, prompt_ids
 from alignkit.rollout.generate import SamplingConfig, generate
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     return 0 if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
 
 
@@ -33,9 +33,9 @@ def sample_sequences(model, tokenizer, prompts: Sequence, sampling: SamplingConf
     """
     ids = [prompt_ids(p, tokenizer, chat_template) for p in prompts]
     device = next(model.parameters()).device
-    batch = collate_sequences([(p, []) for p in ids], _pad_id(tokenizer))
+    batch = collate_sequences([(p, []) for p in ids], pad_id(tokenizer))
     out = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), sampling,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=_pad_id(tokenizer), generator=generator)
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer), generator=generator)
     responses = [row[mask].tolist() for row, mask in zip(out.response_ids.cpu(), out.response_mask.cpu())]
     return list(zip(ids, responses))
 
@@ -61,7 +61,7 @@ def policy_kl(policy, reference: Reference, tokenizer, prompts: Sequence, max_ne
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i : i + batch_size])
         seqs = sample_sequences(policy, tokenizer, chunk, sampling, chat_template, generator)
-        batch = {k: v.to(device) for k, v in collate_sequences(seqs, _pad_id(tokenizer)).items()}
+        batch = {k: v.to(device) for k, v in collate_sequences(seqs, pad_id(tokenizer)).items()}
         policy_logps, lengths = sequence_logps(policy, batch)
         kl = policy_logps - reference.run(policy, lambda m: sequence_logps(m, batch)[0])  # (N,)
         for prompt, text, value, n in zip(chunk, decode(tokenizer, seqs), kl.tolist(), lengths.tolist()):

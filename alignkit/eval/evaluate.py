@@ -213,7 +213,8 @@ def evaluate_policy(policy, prompts, *, tokenizer=None, reference=None, base=Non
     from alignkit.algorithms.policy_kl import decode
     from alignkit.algorithms.reference import Reference
     from alignkit.data.preferences import prompt_of
-    from alignkit.eval.policy import pad_id, perplexity, score_sequences
+    from alignkit.algorithms.policy_kl import pad_id
+    from alignkit.eval.policy import perplexity, score_sequences
 
     if isinstance(policy, str):
         from alignkit.models.load import load_tokenizer
@@ -254,7 +255,8 @@ def _reference_metrics(policy, reference, tokenizer, texts, seqs, scores, sample
                        chat_template) -> torch.Tensor:
     """Reference completions ("before") on the samples, the KL metrics; returns log pi_ref of the samples (N,)."""
     from alignkit.algorithms.policy_kl import decode
-    from alignkit.eval.policy import is_own_distribution, kl_metrics, pad_id, reference_logps, score_sequences
+    from alignkit.algorithms.policy_kl import pad_id
+    from alignkit.eval.policy import is_own_distribution, kl_metrics, reference_logps, score_sequences
 
     pad = pad_id(tokenizer)
     ref_seqs = reference.run(policy, lambda m: generate_seqs(m, tokenizer, texts, sampling, batch_size, chat_template))

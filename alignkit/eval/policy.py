@@ -24,10 +24,6 @@ from alignkit.ops.logprobs import token_logps
 from alignkit.rollout.generate import SamplingConfig, prefill_positions
 
 
-def pad_id(tokenizer) -> int:
-    return 0 if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
-
-
 def is_own_distribution(sampling: SamplingConfig) -> bool:
     """True when samples come from the policy's own distribution (a KL estimate on them is unbiased)."""
     return (sampling.do_sample and sampling.temperature == 1.0 and sampling.top_k == 0 and sampling.top_p == 1.0

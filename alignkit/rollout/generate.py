@@ -34,6 +34,7 @@ import torch
 
 from alignkit.config import option
 from alignkit.errors import UserError
+from alignkit.models.load import unwrap
 from alignkit.rollout.cache import make_cache
 from alignkit.rollout.linear import fast_linears
 from alignkit.rollout.sampling import TokenChooser
@@ -119,11 +120,9 @@ def _accepts_logits_to_keep(cls: type) -> bool:
 
 
 def _unwrap(model):
-    """The underlying HF model of a PEFT wrapper or a DDP/FSDP-style `.module` wrapper."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    inner = getattr(model, "module", None)
-    return _unwrap(inner) if isinstance(inner, torch.nn.Module) else model
+    """The transformers model under DDP / torch.compile wrappers (`models.load.unwrap`) and a PEFT wrapper."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _forward_kwargs(model) -> dict:
