@@ -106,7 +106,7 @@ def _reward_model(cfg: DemoConfig, root: Path, labels: Path) -> Path:
 
 
 def _online(cfg: DemoConfig, root: Path, name: str, policy: Path, rm: Path) -> Path:
-    from alignkit.algorithms.online import RLTrainConfig, RolloutSampling
+    from alignkit.algorithms.online import KLConfig, RLTrainConfig, RolloutSampling
     from alignkit.rewards.base import RewardConfig
 
     out = root / name
@@ -115,20 +115,17 @@ def _online(cfg: DemoConfig, root: Path, name: str, policy: Path, rm: Path) -> P
     shutil.rmtree(out, ignore_errors=True)
     common = dict(model=ModelConfig(path=str(policy)), lora=LoraConfig(r=cfg.lora_r), prompts=cfg.prompts,
                   reward=RewardConfig(model=str(rm)), sampling=RolloutSampling(max_new_tokens=cfg.max_new_tokens),
+                  train=RLTrainConfig(batch_size=8, micro_batch_size=8, lr=cfg.rl_lr, seed=cfg.seed, report_to=[]),
                   output_dir=str(out))
     if name == "ppo":
         from alignkit.algorithms.ppo import PPOConfig, PPOOnline, run_ppo
-        from alignkit.algorithms.online import KLConfig
 
-        train = RLTrainConfig(batch_size=8, micro_batch_size=8, lr=cfg.rl_lr, seed=cfg.seed, report_to=[])
         run_ppo(PPOConfig(**common, kl=KLConfig(beta=cfg.kl_beta), online=PPOOnline(steps=cfg.ppo_steps,
-                          prompts_per_step=8, epochs=2), train=train))
+                          prompts_per_step=8, epochs=2)))
     else:
         from alignkit.algorithms.policy_gradient import K3KL, GRPOConfig, GroupOnline, run_grpo
 
-        train = RLTrainConfig(batch_size=8, micro_batch_size=8, lr=cfg.rl_lr, seed=cfg.seed, report_to=[])
-        run_grpo(GRPOConfig(**common, kl=K3KL(beta=cfg.kl_beta), online=GroupOnline(steps=cfg.grpo_steps),
-                            train=train))
+        run_grpo(GRPOConfig(**common, kl=K3KL(beta=cfg.kl_beta), online=GroupOnline(steps=cfg.grpo_steps)))
     return out
 
 
