@@ -186,7 +186,9 @@ def worker(toolkit: str, model_name: str, reference: str, steps: int, warmup: in
     torch.set_num_threads(threads)
     model, tokenizer, pairs, peft = load_workload(model_name, lora=model_name != "tiny", n_rows=rows)
     run = {"ours": run_ours, "trl": run_trl}[toolkit]
-    out = run(model, tokenizer, pairs, peft, reference, steps, warmup)
+    with tempfile.TemporaryDirectory(prefix="dpo-bench-") as scratch:  # every run's files go, and go away
+        tempfile.tempdir = scratch
+        out = run(model, tokenizer, pairs, peft, reference, steps, warmup)
     out["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(out))
 

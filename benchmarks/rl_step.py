@@ -4,6 +4,7 @@ same workload when TRL is installed (bench-only dependency).
     python benchmarks/rl_step.py                                   # tiny workload, grpo rloo ppo (+ TRL)
     python benchmarks/rl_step.py --algos grpo --steps 3 --warmup 1 --repeats 1   # a quick smoke run
     python benchmarks/rl_step.py --model smollm2 --algos grpo ppo  # embedded SmolLM2-135M with LoRA r 16
+    python benchmarks/rl_step.py --model smollm2 --memory          # LoRA PPO peak RSS vs one model's full FT
 
 Workload "tiny" (shared/BENCHMARK.md): the benchmark Llama (5.2M parameters, seed 0) and tokenizer;
 256 prompts of exactly 32 tokens; at most 32 new tokens, temperature 1, no top-k/top-p, stop at EOS;
@@ -16,6 +17,11 @@ PPO is absent from current TRL (compare against trl==1.12.0 in a separate enviro
 
 Reported: median seconds per step, tokens/s (non-pad prompt + response tokens, once per sequence),
 share of the step spent generating, peak RSS (ru_maxrss), and ours / TRL within the same repeat.
+
+`--memory`: peak RSS of LoRA PPO with what PPO itself holds (policy, reference = the adapter-disabled base,
+value head on the policy trunk; the count-of-"good" reward, so no reward model) against one full
+fine-tuning of the same model (AdamW, the same 8 sequences of 32 + 32 tokens per step), each in its own
+process.
 """
 
 from __future__ import annotations
@@ -98,8 +104,8 @@ def ours(algo: str, model_name: str, steps: int, warmup: int) -> dict:
     from alignkit.rewards.base import CallableReward
 
     policy, reference, rm, tok, r = load(model_name)
-    group = 1 if algo == "ppo" else 4
-    cls = {"grpo": GRPOConfig, "rloo": RLOOConfig, "ppo": PPOConfig}[algo]
+    group = 1 if algo.startswith("ppo") else 4
+    cls = {"grpo": GRPOConfig, "rloo": RLOOConfig, "ppo": PPOConfig, "ppo-shared": PPOConfig}[algo]
     cfg = load_config(cls, None, [
         "reward.function=rl_step:count_good", f"kl.beta={BETA}", f"sampling.max_new_tokens={NEW_TOKENS}",
         f"online.prompts_per_step={8 // group}", f"online.group_size={group}", "online.epochs=1",
@@ -110,6 +116,10 @@ def ours(algo: str, model_name: str, steps: int, warmup: int) -> dict:
         critic = add_lora(critic, LoraConfig(r=r)) if r else critic
         model, reward = ActorCritic(policy, critic), SeqClsReward(rm, tok)
         algorithm = PPO(tok, reward, cfg, reference)
+    elif algo == "ppo-shared":  # value head on the policy trunk, a reward function: PPO's own models only
+        from alignkit.algorithms.ppo import make_actor_critic
+
+        model, algorithm = make_actor_critic(policy, cfg), PPO(tok, CallableReward(count_good), cfg, reference)
     else:
         model, algorithm = policy, PolicyGradient(tok, CallableReward(count_good), cfg, reference)
     gen_time = [0.0]
@@ -137,6 +147,33 @@ def ours(algo: str, model_name: str, steps: int, warmup: int) -> dict:
             shares.append(gen_time[0] / times[-1])
             tokens.append(metrics["tokens_seen"])
     return summary(times, shares, tokens)
+
+
+def full_finetune(model_name: str, steps: int, warmup: int) -> dict:
+    """One model fully fine-tuned (AdamW, fp32) on 8 sequences of 64 tokens per step: the memory yardstick."""
+    import torch
+
+    from alignkit.models.load import ModelConfig, load_causal_lm, load_tokenizer
+    from alignkit.models.tiny import bench_llama, tiny_tokenizer
+
+    if model_name == "tiny":
+        tok, model = tiny_tokenizer(), bench_llama(0)
+    else:
+        tok, model = load_tokenizer(model_name), load_causal_lm(ModelConfig(model_name))
+    prompts = make_prompts(tok)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    times = []
+    for step in range(steps + warmup):
+        texts = [prompts[(2 * i + step * 16) % N_PROMPTS] + prompts[(2 * i + 1 + step * 16) % N_PROMPTS]
+                 for i in range(8)]
+        ids = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)["input_ids"]
+        t = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - t)
+    return summary(times, [0.0] * len(times), [ids.numel()] * len(times))
 
 
 # ---- TRL -------------------------------------------------------------------------------------------------
@@ -204,8 +241,13 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    fn = ours if args.toolkit == "alignkit" else trl
-    print("RESULT " + json.dumps(fn(args.algo, args.model, args.steps, args.warmup)))
+    with tempfile.TemporaryDirectory(prefix="rl-bench-") as scratch:  # every run's files go, and go away
+        tempfile.tempdir = scratch
+        if args.algo == "full-ft":
+            result = full_finetune(args.model, args.steps, args.warmup)
+        else:
+            result = (ours if args.toolkit == "alignkit" else trl)(args.algo, args.model, args.steps, args.warmup)
+    print("RESULT " + json.dumps(result))
 
 
 def run_child(toolkit: str, algo: str, args) -> dict | None:
@@ -229,12 +271,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="LoRA PPO peak RSS against one model's full fine-tuning")
     p.add_argument("--child", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--algo-one", dest="algo", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         args.toolkit = args.child
         return child(args)
+    if args.memory:
+        return memory(args)
     has_trl = importlib.util.find_spec("trl") is not None
     print("| algo | toolkit | s/step | tokens/s | generation share | peak RSS MB | ours / TRL (s/step) |")
     print("|---|---|---|---|---|---|---|")
@@ -252,6 +297,18 @@ def main() -> None:
                 tps = f"{v['tokens_per_s']:.0f}" if v["tokens_per_s"] else "-"
                 print(f"| {algo} | {k} | {v['s_per_step']:.3f} | {tps} | {v['generation_share']:.0%} | "
                       f"{v['peak_rss_mb']:.0f} | {ratio} |", flush=True)
+
+
+def memory(args) -> None:
+    """Peak RSS of PPO (policy + adapter-disabled reference + value head) against one full fine-tuning."""
+    print(f"Peak RSS, workload {args.model}, {args.steps} measured steps after {args.warmup} warm-up\n")
+    print("| run | s/step | peak RSS MB | x full fine-tuning |\n|---|---|---|---|")
+    base = run_child("alignkit", "full-ft", args)
+    ppo = run_child("alignkit", "ppo-shared", args)
+    for name, v in (("full fine-tuning, one model (AdamW)", base), ("PPO: policy + reference + value head", ppo)):
+        if v is not None:
+            ratio = f"{v['peak_rss_mb'] / base['peak_rss_mb']:.2f}" if base else "-"
+            print(f"| {name} | {v['s_per_step']:.3f} | {v['peak_rss_mb']:.0f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def test_alignkit_eval_end_to_end(tmp_path, tiny_llama_dir, tiny_bert_dir, capsy
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["eval", f"policy={run / 'model'}", f"reference={tiny_llama_dir}", f"prompts={prompts}",
             "sampling.max_new_tokens=6", "batch_size=2", "proxy.function=test_eval:proxy_length",
-            f"bertscore_model={tiny_bert_dir}", "step=50", "method=ppo"]
+            f"bertscore_model={tiny_bert_dir}", "step=50", "method=ppo", f"judge=ai-judge:{tiny_llama_dir}@positive"]
     assert main(argv) == 0
     out = run / "eval" / "step-50.json"
     assert str(out) in capsys.readouterr().out
@@ -199,6 +199,9 @@ def test_alignkit_eval_end_to_end(tmp_path, tiny_llama_dir, tiny_bert_dir, capsy
     # same weights, same seed: the "before" completions are the "after" ones, so every comparison ties
     assert all(s["reference_completion"] == s["completion"] for s in samples)
     assert m["win_rate/gold"] == 0.5 and m["win_rate/proxy"] == 0.5
+    # the LLM judge saw each identical pair in both orders: its position bias is all there is, and cancels
+    assert m["win_rate/judge_mean_prob"] == pytest.approx(0.5, abs=1e-6)
+    assert m["win_rate/judge_same_letter_rate"] == 1.0 and 0 <= m["win_rate/judge"] <= 1
     assert m["reward/proxy"] == pytest.approx(sum(len(s["completion"]) for s in samples) / 3)
     assert m["reward/gap"] == pytest.approx(m["reward/proxy"] - m["reward/gold"])
     assert m["perplexity"] == pytest.approx(m["perplexity/policy"])  # base = reference = policy
@@ -213,6 +216,10 @@ def test_eval_bad_config_is_a_user_error(capsys):
 
     assert main(["eval", "batch_size=0"]) == 2
     assert "batch_size must be >= 1" in capsys.readouterr().err
+    assert main(["eval", "judge=ai-judge:smollm2"]) == 2
+    assert "set reference too" in capsys.readouterr().err
+    assert main(["eval", "judge=vader", "reference=smollm2"]) == 2
+    assert "judge must be 'ai-judge:MODEL[@PRINCIPLE]'" in capsys.readouterr().err
 
 
 def test_evaluate_policy_api_with_tempered_sampling(tiny_llama_dir, tiny_gpt2_dir):

@@ -8,7 +8,7 @@ import pytest
 
 from alignkit.cli import main
 from alignkit.eval.plots import gold_peaks
-from alignkit.eval.report import load_run, points, summary_table, write_report
+from alignkit.eval.report import load_run, points, rollout_points, summary_table, write_report
 
 
 def _eval(step, kl, gold, proxy, method, completion="after"):
@@ -27,8 +27,9 @@ def run_dirs(tmp_path):
     ppo, dpo = tmp_path / "ppo", tmp_path / "dpo"
     (ppo / "eval").mkdir(parents=True)
     (dpo / "eval").mkdir(parents=True)
-    rl = [{"step": s, "score_mean": 0.1 * s, "kl": 0.5 * s, "entropy": 2 - 0.1 * s, "loss": 1 / s, "lr": 1e-5}
-          for s in range(1, 6)]
+    gold = [0.0, 0.3, 0.6, 0.3, 0.0]  # rollouts' gold rises then falls while the proxy keeps rising
+    rl = [{"step": s, "score_mean": 0.1 * s, "gold_mean": gold[s - 1], "kl": 0.5 * s, "entropy": 2 - 0.1 * s,
+           "loss": 1 / s, "lr": 1e-5} for s in range(1, 6)]
     (ppo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rl) + '{"step": 6, "lo')  # still writing
     dp = [{"step": s, "loss": 0.7 - 0.1 * s, "rewards/margin": 0.2 * s, "lr": 5e-7} for s in range(1, 4)]
     dp.append({"step": 3, "eval/loss": 0.5})
@@ -62,6 +63,16 @@ def test_points_and_gold_peak(run_dirs):
     assert peaks["best-of-N (dpo)"]["label"] == "N=4"
 
 
+def test_rollout_points_are_trailing_means(run_dirs):
+    pts = rollout_points(load_run(run_dirs[0]), window=3)
+    assert [p["label"] for p in pts] == [f"step {s}" for s in range(1, 6)]
+    assert pts[0]["gold"] == 0.0 and pts[1]["kl"] == pytest.approx(0.75)  # (0.5 + 1.0) / 2
+    assert [p["gold"] for p in pts[2:]] == pytest.approx([0.3, 0.4, 0.3])
+    assert pts[4]["proxy"] == pytest.approx(0.4) and pts[4]["kl"] == pytest.approx(2.0)  # steps 3-5
+    assert gold_peaks(pts)["ppo"]["label"] == "step 4"
+    assert rollout_points(load_run(run_dirs[1])) == []  # DPO logs no rollouts
+
+
 def test_report_html_has_png_plots_and_samples(run_dirs, tmp_path):
     out = write_report(run_dirs, tmp_path / "out" / "report.html")
     page = out.read_text()
@@ -69,7 +80,7 @@ def test_report_html_has_png_plots_and_samples(run_dirs, tmp_path):
     alts = [alt for alt, _ in images]
     # curves of both runs, frontier, over-optimisation, one reliability diagram per run
     assert alts == ["training curves of ppo", "training curves of dpo", "reward-KL frontier", "over-optimisation",
-                    "ppo: proxy RM vs gold", "dpo: proxy RM vs gold"]
+                    "over-optimisation during training", "ppo: proxy RM vs gold", "dpo: proxy RM vs gold"]
     for _, data in images:
         assert base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n")
     assert "&lt;b&gt;great&lt;/b&gt;" in page and "<b>great</b>" not in page  # completions are escaped
@@ -85,6 +96,11 @@ def test_summary_table_and_cli(run_dirs, tmp_path, capsys):
     assert ["ppo", "final", "0.4", "2.5", "9", "0.5", "12"] in rows
     assert ["dpo", "final", "0.5", "-", "2", "0.5", "12"] in rows
     assert ["ppo", "reference", "0.1", "0", "0", "-", "-"] in rows  # KL 0 by definition
+    (run_dirs[1] / "eval" / "final.json").write_text(json.dumps(  # a win rate by an LLM judge adds its column
+        {**_eval(None, 2.0, 0.5, None, "dpo"), "metrics": {"kl": 2.0, "reward/gold": 0.5, "win_rate/judge": 0.75}}))
+    table = summary_table(run_dirs).splitlines()
+    assert table[0].split()[-3:] == ["perplexity", "win", "(judge)"]  # no win rate by proxy anywhere: no column
+    assert ["dpo", "final", "0.5", "-", "2", "-", "-", "0.75"] in [line.split() for line in table[2:]]
     out = tmp_path / "r.html"
     assert main(["report", str(run_dirs[0]), str(run_dirs[1]), f"output={out}"]) == 0
     printed = capsys.readouterr().out

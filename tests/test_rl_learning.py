@@ -30,6 +30,10 @@ def count_target(prompts, completions, **row_fields):
     return [c.count(TARGET) for c in completions]
 
 
+def count_in_text(text):  # the same count as a gold judge of the text
+    return text.count(TARGET)
+
+
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("rl") / "prompts.jsonl"
@@ -83,8 +87,10 @@ def test_large_beta_keeps_kl_small(tiny_llama_dir, prompt_file, tmp_path):
 
 
 def test_lora_reference_is_adapter_disabled(tiny_llama_dir, prompt_file, tmp_path):
-    metrics = run(RLOOConfig, run_rloo, tiny_llama_dir, prompt_file, tmp_path, "online.steps=2", "lora.r=4")
+    metrics = run(RLOOConfig, run_rloo, tiny_llama_dir, prompt_file, tmp_path, "online.steps=2", "lora.r=4",
+                  "gold=test_rl_learning:count_in_text")
     assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the adapter starts at zero: policy == reference
+    assert [m["gold_mean"] for m in metrics] == [m["score_mean"] for m in metrics]  # monitored: same function
     assert (tmp_path / "adapter").is_dir() and (tmp_path / "model" / "config.json").is_file()
 
 
@@ -115,9 +121,12 @@ def test_collect_rollout_contract():
         seen["item"] = item
         return [1.0] * len(completions)
 
+    def length(prompts, completions, item):
+        return [float(len(c)) for c in completions]
+
     r = collect_rollout(policy, tok, rows, CallableReward(reward), SamplingConfig(max_new_tokens=6), group_size=3,
                         reference=tiny_llama(), value_fn=lambda batch: torch.ones(batch["response_ids"].shape),
-                        chat_template=False, no_eos_penalty=-1.0)
+                        chat_template=False, no_eos_penalty=-1.0, monitor=CallableReward(length))
     b, p = r.prompt_ids.shape
     a = r.response_ids.shape[1]
     assert b == 6 and r.group.tolist() == [0, 0, 0, 1, 1, 1] and seen["item"] == [1, 1, 1, 2, 2, 2]
@@ -131,6 +140,10 @@ def test_collect_rollout_contract():
     assert (response_logps(policy, batch) - r.old_logps).abs().max() < 1e-4
     ended = r.response_mask.sum(-1) < 6
     assert ((r.scores == -1.0) | ended).all()
+    # the monitored reward is logged, never a training row field, and takes no length penalty
+    texts = tok.batch_decode(r.response_ids.masked_fill(~r.response_mask, tok.pad_token_id), skip_special_tokens=True)
+    assert r.gold.tolist() == [float(len(t)) for t in texts] and "gold" not in batch
+    assert r.metrics()["gold_mean"] == pytest.approx(sum(map(len, texts)) / 6)
 
 
 @pytest.mark.parametrize("options", [

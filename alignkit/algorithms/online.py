@@ -61,6 +61,9 @@ class OnlineStageConfig:
     prompts: str = option("demo", "JSONL of {prompt} or {messages} rows (+ fields for the reward); 'demo' = reviews")
     max_prompts: int | None = option(None, "Use only the first N prompts")
     reward: RewardConfig = option(RewardConfig(), "Reward sources (model, judge, function); at least one")
+    gold: str | None = option(None, "Gold judge ('vader' or 'package.module:text_function') whose mean score of "
+                              "each rollout batch is logged as gold_mean, never optimised (the report's "
+                              "over-optimisation curve of gold vs proxy); null = none")
     kl: KLConfig = option(KLConfig(), "KL to the reference")
     sampling: RolloutSampling = option(RolloutSampling(), "Decoding of the rollouts")
     online: OnlineConfig = option(OnlineConfig(), "Rollout batch, group size, epochs per rollout")
@@ -84,6 +87,11 @@ class OnlineAlgorithm:
         k = cfg.kl
         self.kl_ctl = KL_CONTROLLERS[k.controller](k.beta, k.target, k.horizon)
         self.probe = None
+        self.monitor = None
+        if cfg.gold is not None:
+            from alignkit.rewards.gold import load_judge
+
+            self.monitor = load_judge(cfg.gold)
 
     def policy_of(self, model):
         return model
@@ -95,7 +103,7 @@ class OnlineAlgorithm:
         return collect_rollout(unwrap(self.policy_of(unwrap(model))), self.tokenizer, prompts, self.reward,
                                c.sampling, group_size=c.online.group_size, reference=self.reference,
                                need_ref=c.kl.beta > 0, value_fn=value_fn, no_eos_penalty=c.reward.no_eos_penalty,
-                               chat_template=c.online.chat_template)
+                               chat_template=c.online.chat_template, monitor=self.monitor)
 
     def rollout_metrics(self, r: Rollout) -> dict:
         """Score mean/std, length, sampled entropy -mean log pi(a_t), and (with a reference) the

@@ -4,13 +4,16 @@
 
 Metrics (flat keys, so reports and tables read them alike):
 - `reward/<name>` (+ `_std`, `_stderr`) for each reward source: `gold` (true quality; VADER by default),
-  `proxy` (what the policy was trained on), `judge` (any other source, e.g. an AI judge);
+  `proxy` (what the policy was trained on);
   `reward/gap` = proxy - gold (same units only when the two share a scale) and `reward/correlation`
   (Pearson of gold and proxy over the samples).
 - with a reference policy: `win_rate/<name>` (ties count 1/2), `reference/reward/<name>`, the KL
   (`kl`, `kl_std`, `kl_stderr`, `kl_min`, `kl_max`; see `eval.policy`) and `calibration/proxy/*`: how well
   the proxy's Bradley-Terry probability sigmoid((r(y) - r(y_ref)) / gain) predicts which of the policy's and
   the reference's completion the gold judge prefers (log loss, Brier, ECE, reliability table).
+- with a reference policy and an LLM judge (`judge=ai-judge:MODEL[@PRINCIPLE]`): `win_rate/judge` (+ `_stderr`,
+  `_mean_prob`, `_same_letter_rate`): the judge compares each policy completion with the reference policy's
+  completion for the same prompt, in both orders (`rewards.ai_judge.win_rate`).
 - `entropy` (nats per token), `perplexity` under the base model, `perplexity/policy`.
 - `text/*`: distinct-1/2, unique-1/2, entropy-1/2, MSSTR, length; with reference texts in the prompt rows
   (`references_field`), BLEU, chrF, ROUGE-1/2/L and BERTScore P/R/F1 (`eval.text`, `eval.bertscore`).
@@ -61,8 +64,8 @@ class EvalConfig:
     gold: GoldRewardConfig = option(GoldRewardConfig(), "Gold reward (true quality); unset every source for none")
     proxy: RewardConfig = option(RewardConfig(), "Proxy reward the policy was optimised for (e.g. proxy.model="
                                  "runs/rm/model); unset = none")
-    judge: RewardConfig = option(RewardConfig(), "Another reward source for a win rate (e.g. an AI judge); "
-                                 "unset = none")
+    judge: str | None = option(None, "LLM judge of a pairwise win rate against the reference policy: "
+                               "'ai-judge:MODEL[@PRINCIPLE]' (e.g. ai-judge:smollm2@helpful); null = none")
     references_field: str = option("reference", "Prompt-row field with reference text(s) for BLEU, chrF, ROUGE and "
                                    "BERTScore; rows without it are left out of those")
     bertscore_model: str | None = option("minilm", "BERTScore encoder ('minilm' = embedded all-MiniLM-L6-v2); "
@@ -85,6 +88,11 @@ class EvalConfig:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.msstr_segment < 1:
             raise UserError(f"msstr_segment must be >= 1, got {self.msstr_segment}")
+        if self.judge is not None:
+            if not self.judge.startswith("ai-judge:"):
+                raise UserError(f"judge must be 'ai-judge:MODEL[@PRINCIPLE]', got '{self.judge}'")
+            if self.reference is None:
+                raise UserError("judge compares the policy with a reference policy: set reference too")
 
     def output_path(self) -> Path:
         if self.output:
@@ -127,8 +135,8 @@ def run_eval(cfg: EvalConfig) -> str:
     tokenizer = load_tokenizer(cfg.policy)  # a wrong path fails before any other work
     rows = prompt_rows(cfg.prompts, cfg.max_prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rewards = {name: as_reward(c, device) for name, c in (("gold", cfg.gold), ("proxy", cfg.proxy),
-                                                          ("judge", cfg.judge)) if reward_is_set(c)}
+    rewards = {name: as_reward(c, device) for name, c in (("gold", cfg.gold), ("proxy", cfg.proxy)) if reward_is_set(c)}
+    judge = as_reward(cfg.judge) if cfg.judge else None
     policy = _load(cfg.policy, cfg.dtype).to(device)
     reference = _load(cfg.reference, cfg.dtype).to(device) if cfg.reference else None
     base = _load(cfg.base, cfg.dtype).to(device) if cfg.base and cfg.base != cfg.reference else None
@@ -140,7 +148,7 @@ def run_eval(cfg: EvalConfig) -> str:
     result = evaluate_policy(policy, rows, tokenizer=tokenizer, reference=reference, base=base, rewards=rewards,
                              sampling=cfg.sampling, batch_size=cfg.batch_size, chat_template=cfg.chat_template,
                              references_field=cfg.references_field, bertscore=bertscore,
-                             msstr_segment=cfg.msstr_segment)
+                             msstr_segment=cfg.msstr_segment, judge=judge)
     out = cfg.output_path()
     run_dir = out.parent.parent if out.parent.name == "eval" else None
     result.update(policy=cfg.policy, reference=cfg.reference, step=cfg.step,
@@ -171,8 +179,8 @@ def _finite(value):
 
 def _print_summary(result: dict, show: int) -> None:
     m = result["metrics"]
-    keys = [k for k in ("reward/gold", "reward/proxy", "win_rate/gold", "kl", "entropy", "perplexity",
-                        "text/distinct-2", "text/bleu", "text/bertscore_f1") if m.get(k) is not None]
+    keys = [k for k in ("reward/gold", "reward/proxy", "win_rate/gold", "win_rate/judge", "kl", "entropy",
+                        "perplexity", "text/distinct-2", "text/bleu", "text/bertscore_f1") if m.get(k) is not None]
     print("  ".join(f"{k} {m[k]:.4g}" for k in keys))
     for s in result["samples"][:show]:
         print(f"--- {s['prompt']}")
@@ -199,7 +207,8 @@ def generate_seqs(model, tokenizer, prompts: list, sampling: SamplingConfig, bat
 
 def evaluate_policy(policy, prompts, *, tokenizer=None, reference=None, base=None, rewards: dict | None = None,
                     sampling: SamplingConfig | None = None, batch_size: int = 16, chat_template: bool = True,
-                    references_field: str = "reference", bertscore=None, msstr_segment: int = 100) -> dict:
+                    references_field: str = "reference", bertscore=None, msstr_segment: int = 100,
+                    judge=None) -> dict:
     """Sample `policy` on `prompts` and measure it (see the module docstring); returns
     `{"kind", "format", "metrics": {...}, "calibration": {...}, "samples": [...]}`.
 
@@ -207,7 +216,9 @@ def evaluate_policy(policy, prompts, *, tokenizer=None, reference=None, base=Non
     `algorithms.reference.Reference`, e.g. `Reference()` for a LoRA policy with its adapter disabled);
     prompts: prompt rows, or a prompt file ('demo' = the embedded held-out prompts);
     rewards: name -> reward source, `RewardConfig`, or spec ('vader', an RM dir); `gold` and `proxy` are
-    the names with a meaning (gap, calibration); bertscore: a `BERTScorer`, 'minilm', or None.
+    the names with a meaning (gap, calibration); bertscore: a `BERTScorer`, 'minilm', or None;
+    judge: an LLM judge (`rewards.ai_judge.AIJudgeReward` or its 'ai-judge:...' spec) for a pairwise win
+    rate against the reference policy's completions (needs `reference`).
     """
     from alignkit.algorithms.best_of_n import prompt_rows
     from alignkit.algorithms.policy_kl import decode
@@ -247,6 +258,10 @@ def evaluate_policy(policy, prompts, *, tokenizer=None, reference=None, base=Non
         base_logps = score_sequences(base, seqs, pad_id(tokenizer), batch_size)["logps"]
     metrics["perplexity"] = perplexity(base_logps, scores["tokens"])
     calibration = _reward_metrics({n: as_reward(s) for n, s in (rewards or {}).items()}, rows, samples, metrics)
+    if judge is not None:
+        if reference is None:
+            raise UserError("the LLM-judge win rate compares the policy with a reference policy: pass reference")
+        metrics.update(_judge_metrics(as_reward(judge), texts, samples))
     metrics.update(_text_metrics(samples, references_field, bertscore, msstr_segment))
     return {"kind": KIND, "format": FORMAT, "metrics": metrics, "calibration": calibration, "samples": samples}
 
@@ -310,6 +325,16 @@ def _reward_metrics(sources: dict, rows: list[dict], samples: list[dict], metric
             metrics.update({f"calibration/proxy/{k}": calibration["proxy"][k]
                             for k in ("accuracy", "log_loss", "brier", "ece")})
     return calibration
+
+
+def _judge_metrics(judge, prompts: list, samples: list[dict]) -> dict:
+    """win_rate/judge*: the LLM judge's verdicts on (policy completion, reference completion) pairs."""
+    from alignkit.rewards.ai_judge import win_rate
+
+    out = win_rate(judge.judge, prompts, [s["completion"] for s in samples],
+                   [s["reference_completion"] for s in samples], judge.question)
+    return {"win_rate/judge": out["win_rate"], "win_rate/judge_stderr": out["stderr"],
+            "win_rate/judge_mean_prob": out["mean_prob"], "win_rate/judge_same_letter_rate": out["same_letter_rate"]}
 
 
 def _text_metrics(samples: list[dict], references_field: str, bertscore, segment: int) -> dict:

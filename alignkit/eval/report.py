@@ -5,6 +5,8 @@
 
 What the report reads from each run directory (whatever is there; nothing is required):
 - `metrics.jsonl`: the training curves (one JSON object per logged step, written by the engine's RunLogger).
+  An RL run that logged a monitored gold reward (`gold=vader`: `gold_mean` beside the proxy `score_mean` and
+  the sequence `kl` of each rollout batch) also gets an over-optimisation curve from its rollouts.
 - `eval/*.json` and `eval.json` with `"kind": "alignkit.eval"` (written by `alignkit eval`): one point per
   file on the reward-KL frontier and the over-optimisation plot, e.g. `eval/step-100.json`, ...,
   `eval/final.json`; a point's step is the file's `step` (null = final, drawn after every step). The last
@@ -29,7 +31,10 @@ from alignkit.errors import UserError
 POSITIONAL = "runs"  # `alignkit report a b` = `alignkit report runs=[a,b]` (see alignkit.cli)
 EVAL_KIND = "alignkit.eval"
 TABLE = [("method", "method"), ("point", "label"), ("gold", "gold"), ("proxy", "proxy"), ("KL", "kl"),
-         ("distinct-2", "distinct2"), ("perplexity", "perplexity")]
+         ("distinct-2", "distinct2"), ("perplexity", "perplexity"), ("win (proxy)", "win_proxy"),
+         ("win (judge)", "win_judge")]
+OPTIONAL = {"win_proxy", "win_judge"}  # columns shown only when some point has them
+ROLLOUT_WINDOW = 3  # rollout curves: trailing mean over this many logged steps
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,21 @@ def _point(run: Run, e: dict) -> dict:
     label = "final" if e.get("step") is None else f"step {e['step']}"
     return {"method": run.method, "run": run.path.name, "label": label,
             "kl": m.get("kl"), "gold": m.get("reward/gold"), "proxy": m.get("reward/proxy"),
-            "distinct2": m.get("text/distinct-2"), "perplexity": m.get("perplexity")}
+            "distinct2": m.get("text/distinct-2"), "perplexity": m.get("perplexity"),
+            "win_proxy": m.get("win_rate/proxy"), "win_judge": m.get("win_rate/judge")}
+
+
+def rollout_points(run: Run, window: int = ROLLOUT_WINDOW) -> list[dict]:
+    """One point per logged RL step that has `kl`, `score_mean` (proxy) and `gold_mean`: trailing means over
+    `window` steps of each (a rollout batch is a few samples), as a policy's training trajectory."""
+    rows = [r for r in run.curves if all(isinstance(r.get(k), (int, float)) for k in ("kl", "score_mean", "gold_mean"))]
+    out = []
+    for i, r in enumerate(rows):
+        recent = rows[max(0, i - window + 1) : i + 1]
+        mean = {k: sum(x[k] for x in recent) / len(recent) for k in ("kl", "score_mean", "gold_mean")}
+        out.append({"method": run.method, "run": run.path.name, "label": f"step {r.get('step', i + 1)}",
+                    "kl": mean["kl"], "gold": mean["gold_mean"], "proxy": mean["score_mean"]})
+    return out
 
 
 def points(runs: list[Run]) -> list[dict]:
@@ -122,12 +141,13 @@ def points(runs: list[Run]) -> list[dict]:
             m = with_ref[0]["metrics"]
             out.append({"method": run.method, "run": run.path.name, "label": "reference", "kl": 0.0,
                         "gold": m["reference/reward/gold"], "proxy": m.get("reference/reward/proxy"),
-                        "distinct2": m.get("reference/text/distinct-2"), "perplexity": None})
+                        "distinct2": m.get("reference/text/distinct-2"), "perplexity": None,
+                        "win_proxy": None, "win_judge": None})
         out += [_point(run, e) for e in run.evals]
         for line in run.best_of_n or []:
             out.append({"method": f"best-of-N ({run.path.name})", "run": run.path.name, "label": f"N={line['n']}",
                         "kl": line["kl_analytic"], "gold": line.get("gold"), "proxy": line.get("reward"),
-                        "distinct2": None, "perplexity": None})
+                        "distinct2": None, "perplexity": None, "win_proxy": None, "win_judge": None})
     return out
 
 
@@ -137,16 +157,24 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def table_rows(runs: list[Run]) -> list[list[str]]:
-    """One row per point: method, point, gold, proxy, KL, distinct-2, perplexity (formatted)."""
-    return [[_fmt(p[key]) for _, key in TABLE] for p in points(runs)]
+def columns(pts: list[dict]) -> list[tuple[str, str]]:
+    """The TABLE columns to show: all but the optional ones that no point has."""
+    return [(name, key) for name, key in TABLE if key not in OPTIONAL or any(p[key] is not None for p in pts)]
+
+
+def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """The header and one row per point: method, point, gold, proxy, KL, distinct-2, perplexity, win rates."""
+    pts = points(runs)
+    cols = columns(pts)
+    return [name for name, _ in cols], [[_fmt(p[key]) for _, key in cols] for p in pts]
 
 
 def summary_table(runs) -> str:
     """The report's table as fixed-width text for the terminal; `runs` are Runs or run directories."""
     runs = [r if isinstance(r, Run) else load_run(r) for r in runs]
-    rows = [[name for name, _ in TABLE]] + table_rows(runs)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE))]
+    header, body = table_rows(runs)
+    rows = [header] + body
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -194,11 +222,18 @@ def _samples_html(run: Run, k: int) -> str:
             f"<p class=note>{note}</p>" + _table(["prompt", "before", "after"], rows).replace("\n", "<br>"))
 
 
+def _peaks_table(pts: list[dict]) -> str:
+    from alignkit.eval.plots import gold_peaks
+
+    return _table(["method", "gold reward peaks at", "KL", "gold"],
+                  [[m, p["label"], _fmt(p["kl"]), _fmt(p["gold"])] for m, p in gold_peaks(pts).items()], 2)
+
+
 def _sections(runs: list[Run], samples: int) -> list[str]:
-    from alignkit.eval.plots import frontier, gold_peaks, overoptimisation, reliability_plot, training_curves
+    from alignkit.eval.plots import frontier, overoptimisation, reliability_plot, training_curves
 
     pts = points(runs)
-    out = ["<h2>Summary</h2>", _table([h for h, _ in TABLE], table_rows(runs), numeric_from=2)]
+    out = ["<h2>Summary</h2>", _table(*table_rows(runs), numeric_from=2)]
     curves = [(run, training_curves(run.path.name, run.curves)) for run in runs if run.curves]
     if curves:
         out.append("<h2>Training curves</h2>")
@@ -210,8 +245,14 @@ def _sections(runs: list[Run], samples: int) -> list[str]:
                 "<h2>Over-optimisation</h2>", "<p class=note>gold (solid) and proxy (dashed) reward against "
                 "sqrt(KL), as in Gao et al. 2022; the dotted line marks where gold reward peaks</p>",
                 _img(overoptimisation(pts), "over-optimisation"),
-                _table(["method", "gold reward peaks at", "KL", "gold"],
-                       [[m, p["label"], _fmt(p["kl"]), _fmt(p["gold"])] for m, p in gold_peaks(pts).items()], 2)]
+                _peaks_table(pts)]
+    trajectories = [p for run in runs for p in rollout_points(run)]
+    if trajectories:
+        out += ["<h2>Over-optimisation during training</h2>", "<p class=note>gold (solid) and proxy (dashed) "
+                f"reward of each RL run's rollout batches against sqrt(sequence KL to the reference), trailing "
+                f"means over {ROLLOUT_WINDOW} steps (training prompts, sampled at the rollout temperature); the "
+                "dotted line marks where gold reward peaks</p>",
+                _img(overoptimisation(trajectories), "over-optimisation during training"), _peaks_table(trajectories)]
     calibration = [(f"{r.path.name}: proxy RM vs gold", e["calibration"]["proxy"]["reliability"])
                    for r in runs for e in r.evals[-1:] if e.get("calibration", {}).get("proxy")]
     calibration += [(f"{r.path.name}: reward model, held-out pairs", r.rm_eval["reliability"])

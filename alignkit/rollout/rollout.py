@@ -40,20 +40,25 @@ class Rollout:
     scores: torch.Tensor  # (B,) float32, reward of each whole response
     group: torch.Tensor  # (B,) long, index of the prompt each response answers
     values: torch.Tensor | None = None  # (B, A) float32, V(s_t) before each response token (PPO only)
+    gold: torch.Tensor | None = None  # (B,) float32, a monitored reward (logged, never optimised), e.g. a gold judge
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
     def rows(self, **extra: torch.Tensor) -> list[dict]:
         """One dict of tensors per response (the engine's rows); `extra` adds per-row fields, e.g. advantages."""
-        columns = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        columns = {f.name: getattr(self, f.name) for f in fields(self)
+                   if getattr(self, f.name) is not None and f.name != "gold"}
         columns.update(extra)
         return [{k: v[i] for k, v in columns.items()} for i in range(len(self))]
 
     def metrics(self) -> dict:
         lengths = self.response_mask.sum(-1).float()
-        return {"score_mean": float(self.scores.mean()), "score_std": float(self.scores.std(unbiased=False)),
-                "response_length": float(lengths.mean())}
+        out = {"score_mean": float(self.scores.mean()), "score_std": float(self.scores.std(unbiased=False)),
+               "response_length": float(lengths.mean())}
+        if self.gold is not None:
+            out["gold_mean"] = float(self.gold.mean())
+        return out
 
 
 def stack_rows(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -120,8 +125,11 @@ def _ended(gen, eos_ids: set[int]) -> torch.Tensor:
 def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: SamplingConfig, *, group_size: int = 1,
                     reference=None, need_ref: bool = True, value_fn: Callable | None = None,
                     no_eos_penalty: float | None = None, chat_template: bool = True,
-                    generator: torch.Generator | None = None) -> Rollout:
-    """Sample `group_size` responses to each prompt row and score them: a Rollout of len(rows) * group_size."""
+                    generator: torch.Generator | None = None, monitor=None) -> Rollout:
+    """Sample `group_size` responses to each prompt row and score them: a Rollout of len(rows) * group_size.
+
+    `monitor`: a second reward source (e.g. the gold judge) whose scores go to `Rollout.gold`, logged only.
+    """
     from alignkit.rewards.base import length_penalty
 
     device = next(unwrap(policy).parameters()).device
@@ -133,11 +141,14 @@ def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: Sampl
                    generator=generator)
     texts = tokenizer.batch_decode(gen.response_ids.masked_fill(~gen.response_mask, pad_id), skip_special_tokens=True)
     extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "messages")}
-    scores = reward.score([prompt_of(r) for r in rows], texts, **extra).float().cpu()
+    prompts = [prompt_of(r) for r in rows]
+    scores = reward.score(prompts, texts, **extra).float().cpu()
     scores = length_penalty(scores, _ended(gen, {tokenizer.eos_token_id}), no_eos_penalty)
     group = torch.arange(len(rows) // group_size).repeat_interleave(group_size)
     out = Rollout(ids, mask, gen.response_ids, gen.response_mask, gen.logps, torch.zeros_like(gen.logps),
                   scores.to(device), group.to(device))
+    if monitor is not None:
+        out.gold = monitor.score(prompts, texts, **extra).float().cpu()
     batch = {"prompt_ids": ids, "prompt_mask": mask, "response_ids": gen.response_ids,
              "response_mask": gen.response_mask}
     if need_ref:

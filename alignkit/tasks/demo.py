@@ -114,7 +114,8 @@ def _online(cfg: DemoConfig, root: Path, name: str, policy: Path, rm: Path) -> P
         return out
     shutil.rmtree(out, ignore_errors=True)
     common = dict(model=ModelConfig(path=str(policy)), lora=LoraConfig(r=cfg.lora_r), prompts=cfg.prompts,
-                  reward=RewardConfig(model=str(rm)), sampling=RolloutSampling(max_new_tokens=cfg.max_new_tokens),
+                  reward=RewardConfig(model=str(rm)), gold=cfg.gold,  # gold logged per rollout, never optimised
+                  sampling=RolloutSampling(max_new_tokens=cfg.max_new_tokens),
                   train=RLTrainConfig(batch_size=8, micro_batch_size=8, lr=cfg.rl_lr, seed=cfg.seed, report_to=[]),
                   output_dir=str(out))
     if name == "ppo":
