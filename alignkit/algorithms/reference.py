@@ -2,11 +2,11 @@
 
 `sequence_logps` scores independent sequences laid out by `collate_sequences` (left-padded prompts,
 right-padded completions) and asks the model for the logits of the last A + 1 positions only.
-`pair_logps` scores pairs laid out by `collate_pairs`: each prompt runs once, then the chosen and
-the rejected completions of every pair go through the model together, in one pass of 2B rows over
-the prompt's key/value cache (gradients flow back through the cache into the prompt pass). That is
-the same computation as two full sequences per pair, with the prompt's layers run once instead of
-twice. Token log-probs come from logsumexp + gather (`ops.logprobs.token_logps`), never a
+`pair_logps` scores pairs laid out by `collate_pairs`: each distinct prompt runs once, then the
+chosen and the rejected completions of every pair go through the model together, in one pass of 2B
+rows over the prompts' key/value cache (`models.forward.prefix_forward`; gradients flow back through
+the cache into the prompt pass). That is the same computation as two full sequences per pair, with
+the prompt's layers run once instead of twice (or fewer: pairs from one ranking share a prompt). Token log-probs come from logsumexp + gather (`ops.logprobs.token_logps`), never a
 (N, T, V) log-softmax.
 
 `Reference` runs a scoring function under the reference policy without a second copy of the
@@ -18,9 +18,7 @@ directory, keyed by a fingerprint of the token ids and the reference, so a resum
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -28,22 +26,11 @@ from typing import Callable
 
 import torch
 
+from alignkit.models.forward import keep_logits, prefill_positions, prefix_forward, unique_prompts
 from alignkit.models.load import is_peft, unwrap
 from alignkit.ops.logprobs import token_logps
-from alignkit.rollout.generate import prefill_positions
 
 log = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=64)
-def _accepts_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
-
-
-def _keep_kwargs(model, n: int) -> dict:
-    base = unwrap(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    return {"logits_to_keep": n} if _accepts_logits_to_keep(type(base)) else {}
 
 
 def _masked_sums(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +50,7 @@ def sequence_logps(model, batch: dict, prefix: str = "") -> tuple[torch.Tensor, 
     a = completion.shape[1]
     logits = model(
         input_ids=batch[prefix + "input_ids"], attention_mask=mask, position_ids=prefill_positions(mask),
-        use_cache=False, **_keep_kwargs(model, a + 1),
+        use_cache=False, **keep_logits(model, a + 1),
     ).logits
     return _masked_sums(logits[:, -(a + 1) : -1], completion, batch[prefix + "completion_mask"])
 
@@ -71,25 +58,15 @@ def sequence_logps(model, batch: dict, prefix: str = "") -> tuple[torch.Tensor, 
 def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs (B, 2) of [chosen, rejected] of each pair, and their token counts (B, 2).
 
-    `batch` is a `collate_pairs` batch. Pass 1 runs the prompts (B, P) and keeps their key/value
-    cache and the logits of their last position (which predict the first completion token); the
-    cache is repeated for the two completions of each pair; pass 2 runs the completions (2B, A)
-    over it. The logits at completion position t predict token t + 1.
+    `batch` is a `collate_pairs` batch: prompts (B, P) and completions (2B, A), chosen and rejected of
+    pair i in rows 2i and 2i + 1. Each distinct prompt runs once (`models.forward.prefix_forward`).
     """
-    prompt_mask = batch["prompt_mask"]  # (B, P)
     completion, completion_mask = batch["completion_ids"], batch["completion_mask"]  # (2B, A)
-    b = prompt_mask.shape[0]
-    out = model(input_ids=batch["prompt_ids"], attention_mask=prompt_mask, position_ids=prefill_positions(prompt_mask),
-                use_cache=True, **_keep_kwargs(model, 1))
-    first = out.logits[:, -1:].repeat_interleave(2, dim=0)  # (2B, 1, V)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(2)
-    mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), completion_mask.long()], dim=1)  # (2B, P + A)
-    positions = prefill_positions(mask)[:, prompt_mask.shape[1] :]  # (2B, A)
-    rest = model(input_ids=completion, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True).logits  # (2B, A, V)
-    logits = torch.cat([first, rest[:, :-1]], dim=1)  # (2B, A, V): the logits that predict each completion token
+    first, index = unique_prompts(batch["prompt_ids"], batch["prompt_mask"])
+    logits, _ = prefix_forward(model, batch["prompt_ids"][first], batch["prompt_mask"][first],
+                               index.repeat_interleave(2), completion, completion_mask)
     sums, counts = _masked_sums(logits, completion, completion_mask)
+    b = batch["prompt_ids"].shape[0]
     return sums.view(b, 2), counts.view(b, 2)
 
 

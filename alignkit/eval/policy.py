@@ -17,11 +17,12 @@ from typing import Sequence
 
 import torch
 
-from alignkit.algorithms.reference import Reference, _keep_kwargs
+from alignkit.algorithms.reference import Reference
 from alignkit.data.preference_tokens import Seq, collate_sequences
 from alignkit.eval.reward import describe
+from alignkit.models.forward import keep_logits, prefill_positions
 from alignkit.ops.logprobs import token_logps
-from alignkit.rollout.generate import SamplingConfig, prefill_positions
+from alignkit.rollout.generate import SamplingConfig
 
 
 def is_own_distribution(sampling: SamplingConfig) -> bool:
@@ -44,7 +45,7 @@ def score_sequences(model, seqs: Sequence[Seq], pad: int, batch_size: int = 16, 
         mask, completion, keep = batch["attention_mask"], batch["completion_ids"], batch["completion_mask"]
         a = completion.shape[1]
         logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=prefill_positions(mask),
-                       use_cache=False, **_keep_kwargs(model, a + 1)).logits[:, -(a + 1) : -1].float()  # (b, A, V)
+                       use_cache=False, **keep_logits(model, a + 1)).logits[:, -(a + 1) : -1].float()  # (b, A, V)
         out["logps"].append(token_logps(logits, completion).masked_fill(~keep, 0.0).sum(-1))
         out["tokens"].append(keep.sum(-1))
         if entropy:

@@ -36,15 +36,8 @@ from alignkit.config import option
 from alignkit.data.chat import has_chat_template, render
 from alignkit.errors import UserError
 from alignkit.models.load import ModelConfig
-from alignkit.rollout.generate import (
-    SamplingConfig,
-    _forward_kwargs,
-    generate,
-    inference,
-    left_pad,
-    prefill_positions,
-    stop_token_ids,
-)
+from alignkit.models.forward import keep_logits, prefill_positions
+from alignkit.rollout.generate import SamplingConfig, generate, inference, left_pad, stop_token_ids
 
 ANSWERS = (" (A)", " (B)")
 ANSWER_PREFIX = "The answer is:"
@@ -113,7 +106,7 @@ def answer_probs(model, tokenizer, contexts: Sequence[str], add_special: bool, b
             ids, choices = zip(*(answer_ids(tokenizer, c, add_special) for c in contexts[i : i + batch_size]))
             input_ids, mask = (t.to(device) for t in left_pad(list(ids), pad_id))  # (B, T)
             logits = model(input_ids=input_ids, attention_mask=mask, position_ids=prefill_positions(mask),
-                           **_forward_kwargs(model)).logits[:, -1].float()  # (B, V)
+                           **keep_logits(model, 1)).logits[:, -1].float()  # (B, V)
             z = logits.gather(-1, torch.tensor(choices, device=device))  # (B, 2): z_A, z_B
             out.append(z.softmax(-1)[:, 0].cpu())
     return torch.cat(out) if out else torch.zeros(0)

@@ -24,8 +24,6 @@ Implementation details (each measured on the benchmark machine, see `benchmarks/
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ import torch
 
 from alignkit.config import option
 from alignkit.errors import UserError
+from alignkit.models.forward import keep_logits, prefill_positions
 from alignkit.models.load import unwrap
 from alignkit.rollout.cache import make_cache
 from alignkit.rollout.linear import fast_linears
@@ -113,29 +112,14 @@ def _generator(cfg: SamplingConfig, generator, device) -> torch.Generator | None
     return torch.Generator(device=device).manual_seed(cfg.seed)
 
 
-@functools.lru_cache(maxsize=64)
-def _accepts_logits_to_keep(cls: type) -> bool:
-    params = inspect.signature(cls.forward).parameters
-    return "logits_to_keep" in params
-
-
 def _unwrap(model):
     """The transformers model under DDP / torch.compile wrappers (`models.load.unwrap`) and a PEFT wrapper."""
     model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _forward_kwargs(model) -> dict:
-    return {"logits_to_keep": 1} if _accepts_logits_to_keep(type(_unwrap(model))) else {}
-
-
 def _config(model):
     return getattr(_unwrap(model), "config", None)
-
-
-def prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids (B, T) for a left-padded batch: 0 at each row's first real token; pads get 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def generate(
@@ -165,7 +149,7 @@ def generate(
         if cfg.num_beams > 1:
             from alignkit.rollout.beam import beam_search
 
-            out = beam_search(model, input_ids, attention_mask, cfg, eos, pad_token_id, _forward_kwargs(model))
+            out = beam_search(model, input_ids, attention_mask, cfg, eos, pad_token_id, keep_logits(model, 1))
         else:
             chooser = TokenChooser(
                 do_sample=cfg.do_sample,
@@ -187,7 +171,7 @@ def _decode(model, input_ids, attention_mask, max_new: int, choose: TokenChooser
     response_ids = torch.full((b, max_new), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(b, max_new, dtype=torch.float32, device=device)
     lengths = torch.full((b,), max_new, dtype=torch.long, device=device)
-    extra = _forward_kwargs(model)
+    extra = keep_logits(model, 1)
     cache = make_cache(_config(model), p + max_new)
     mask = attention_mask.long()
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=prefill_positions(mask),

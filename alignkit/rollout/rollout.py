@@ -13,8 +13,6 @@ The first minibatch of each update checks them against the training forward (log
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
@@ -22,9 +20,10 @@ import torch
 
 from alignkit.data.preference_tokens import prompt_ids
 from alignkit.data.preferences import prompt_of
+from alignkit.models.forward import prefix_forward, unique_prompts
 from alignkit.models.load import is_peft, unwrap
 from alignkit.ops.logprobs import token_logps
-from alignkit.rollout.generate import SamplingConfig, generate, prefill_positions
+from alignkit.rollout.generate import SamplingConfig, generate
 
 
 @dataclass
@@ -66,31 +65,15 @@ def stack_rows(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-@functools.lru_cache(maxsize=64)
-def _accepts_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
-
-
-def _keep(model, n: int) -> dict:
-    """Ask for the logits of the last n positions only: the output layer is a large share of a small
-    model's compute (SmolLM2: 28M of 135M parameters), and prompt positions need no logits."""
-    base = unwrap(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    return {"logits_to_keep": n} if _accepts_logits_to_keep(type(base)) else {}
-
-
 def forward_response(model, batch: dict, temperature: float = 1.0, hidden: bool = False):
-    """One teacher-forced forward over prompt + response: logits (B, A, V) of the response tokens and,
-    with `hidden`, the last hidden states (B, A, H) at the same positions (the states before each token)."""
-    p, a = batch["prompt_ids"].shape[1], batch["response_ids"].shape[1]
-    input_ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1)  # (B, T = P + A)
-    mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1).long()
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=prefill_positions(mask), use_cache=False,
-                output_hidden_states=hidden, **_keep(model, a + 1))
-    logits = out.logits[:, -(a + 1) : -1]  # position p - 1 + t predicts response token t
+    """Teacher-forced logits (B, A, V) of the response tokens and, with `hidden`, the last hidden states
+    (B, A, H) at the same positions (the states before each token). Responses that share a prompt (a
+    GRPO/RLOO group) share one pass over it (`models.forward.prefix_forward`)."""
+    first, index = unique_prompts(batch["prompt_ids"], batch["prompt_mask"])
+    logits, states = prefix_forward(model, batch["prompt_ids"][first], batch["prompt_mask"][first], index,
+                                    batch["response_ids"], batch["response_mask"], hidden)
     if temperature != 1.0:
         logits = logits / temperature
-    states = out.hidden_states[-1][:, p - 1 : p + a - 1] if hidden else None
     return logits, states
 
 
