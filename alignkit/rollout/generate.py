@@ -32,7 +32,7 @@ import torch
 
 from alignkit.config import option
 from alignkit.errors import UserError
-from alignkit.models.forward import keep_logits, prefill_positions
+from alignkit.models.forward import keep_logits, prefill_positions, unique_prompts
 from alignkit.models.load import unwrap
 from alignkit.rollout.cache import make_cache
 from alignkit.rollout.linear import fast_linears
@@ -174,14 +174,21 @@ def _decode(model, input_ids, attention_mask, max_new: int, choose: TokenChooser
     extra = keep_logits(model, 1)
     cache = make_cache(_config(model), p + max_new)
     mask = attention_mask.long()
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=prefill_positions(mask),
-                past_key_values=cache, use_cache=True, **extra)
+    first, index = unique_prompts(input_ids, mask)  # the samples of a group share a prompt: prefill it once
+    shared = len(first) < b
+    prefill = first if shared else torch.arange(b, device=device)
+    logits = model(input_ids=input_ids[prefill], attention_mask=mask[prefill],
+                   position_ids=prefill_positions(mask[prefill]), past_key_values=cache, use_cache=True,
+                   **extra).logits[:, -1, :]
+    if shared:
+        cache.batch_select_indices(index)
+        logits = logits[index]
     rows = torch.arange(b, device=device)  # original row of each batch row
     position = mask.sum(-1, keepdim=True)  # (b, 1) position id of the next token
     done = torch.zeros(b, dtype=torch.bool, device=device)  # finished but still in the batch
     for step in range(max_new):
-        tokens, token_logps = choose(out.logits[:, -1, :], step)
-        out = None  # free the logits before the next forward
+        tokens, token_logps = choose(logits, step)
+        logits = None  # free the logits before the next forward
         new = ~done  # rows that were still generating
         response_ids[rows[new], step] = tokens[new]
         logps[rows[new], step] = token_logps[new]
@@ -196,8 +203,8 @@ def _decode(model, input_ids, attention_mask, max_new: int, choose: TokenChooser
             cache.batch_select_indices(keep)
             rows, mask, position, tokens, done = rows[keep], mask[keep], position[keep], tokens[keep], done[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        out = model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=position,
-                    past_key_values=cache, use_cache=True, **extra)
+        logits = model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=position,
+                       past_key_values=cache, use_cache=True, **extra).logits[:, -1, :]
         position = position + 1
     width = int(lengths.max())
     response_mask = torch.arange(max_new, device=device) < lengths.unsqueeze(-1)
