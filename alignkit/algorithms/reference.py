@@ -6,8 +6,9 @@ right-padded completions) and asks the model for the logits of the last A + 1 po
 chosen and the rejected completions of every pair go through the model together, in one pass of 2B
 rows over the prompts' key/value cache (`models.forward.prefix_forward`; gradients flow back through
 the cache into the prompt pass). That is the same computation as two full sequences per pair, with
-the prompt's layers run once instead of twice (or fewer: pairs from one ranking share a prompt). Token log-probs come from logsumexp + gather (`ops.logprobs.token_logps`), never a
-(N, T, V) log-softmax.
+the prompt's layers run once instead of twice (or fewer: pairs from one ranking share a prompt).
+Token log-probs come from logsumexp + gather (`ops.logprobs.token_logps`), never a (N, T, V)
+log-softmax.
 
 `Reference` runs a scoring function under the reference policy without a second copy of the
 weights where possible: with LoRA it is the policy with its adapter disabled. `cache_reference`

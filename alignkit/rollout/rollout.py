@@ -2,10 +2,13 @@
 
     prompts ─► generate (policy, sampling)  ─► response_ids, response_mask, old_logps
             ─► decode ─► reward.score(prompts, completions, **row_fields) ─► scores (length penalty)
+                      (─► monitor.score ─► gold: logged, never optimised)
             ─► reference forward (LoRA: adapter disabled; else a frozen copy) ─► ref_logps
             ─► critic forward (PPO only) ─► values
 
 `old_logps` are the sampler's own log-probs under log_softmax(logits / T): no extra forward pass.
+The samples of a group share their prompt's pass, in generation and in every teacher-forced forward
+(`models.forward.prefix_forward`).
 The first minibatch of each update checks them against the training forward (logged as
 `logp_diff_max`; it must be ~0, else generation and training disagree and the ratio is biased).
 """
