@@ -62,12 +62,13 @@ def training_curves(name: str, rows: list[dict]):
     return fig
 
 
-def _by_method(points: list[dict], key: str) -> dict[str, list[dict]]:
+def _by_method(points: list[dict], key: str, by_kl: bool = True) -> dict[str, list[dict]]:
+    """Points with `kl` and `key`, grouped by method; in order of KL, or as given (a training trajectory)."""
     out: dict[str, list[dict]] = {}
     for p in points:
         if p.get("kl") is not None and p.get(key) is not None:
             out.setdefault(p["method"], []).append(p)
-    return {m: sorted(ps, key=lambda p: p["kl"]) for m, ps in out.items()}
+    return {m: sorted(ps, key=lambda p: p["kl"]) if by_kl else ps for m, ps in out.items()}
 
 
 def gold_peaks(points: list[dict]) -> dict[str, dict]:
@@ -92,12 +93,13 @@ def frontier(points: list[dict]):
     return fig
 
 
-def overoptimisation(points: list[dict]):
+def overoptimisation(points: list[dict], by_kl: bool = True, title: str = "over-optimisation: gold vs proxy reward"):
     """Gold (solid) and proxy (dashed) reward against sqrt(KL) per method, as in Gao et al. 2022 ("Scaling
-    laws for reward model overoptimization"); a dotted vertical line marks the KL where gold reward peaks."""
+    laws for reward model overoptimization"); a dotted vertical line marks the KL where gold reward peaks.
+    `by_kl=False` joins the points in the order given (steps of a training run) instead of by KL."""
     fig = new_figure(7.0, 4.2)
     ax = fig.subplots()
-    for i, (method, ps) in enumerate(_by_method(points, "gold").items()):
+    for i, (method, ps) in enumerate(_by_method(points, "gold", by_kl).items()):
         x = [math.sqrt(max(p["kl"], 0.0)) for p in ps]
         line, = ax.plot(x, [p["gold"] for p in ps], marker=MARKERS[i % len(MARKERS)], label=f"{method}: gold")
         proxy = [(xi, p["proxy"]) for xi, p in zip(x, ps) if p.get("proxy") is not None]
@@ -106,11 +108,11 @@ def overoptimisation(points: list[dict]):
                     marker=MARKERS[i % len(MARKERS)], fillstyle="none", label=f"{method}: proxy")
         best = ps.index(gold_peaks(ps)[method])
         ax.axvline(x[best], linestyle=":", color=line.get_color(), alpha=0.8)
-        ax.annotate(f"gold peaks at KL={ps[best]['kl']:.3g}", (x[best], ps[best]["gold"]), fontsize=7,
+        ax.annotate(f"gold peaks at KL={max(ps[best]['kl'], 0.0):.3g}", (x[best], ps[best]["gold"]), fontsize=7,
                     color=line.get_color(), xytext=(4, -12), textcoords="offset points")
     ax.set_xlabel("sqrt(KL(policy || reference)), sqrt(nats)")
     ax.set_ylabel("reward")
-    ax.set_title("over-optimisation: gold vs proxy reward")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig

@@ -249,10 +249,11 @@ def _sections(runs: list[Run], samples: int) -> list[str]:
     trajectories = [p for run in runs for p in rollout_points(run)]
     if trajectories:
         out += ["<h2>Over-optimisation during training</h2>", "<p class=note>gold (solid) and proxy (dashed) "
-                f"reward of each RL run's rollout batches against sqrt(sequence KL to the reference), trailing "
-                f"means over {ROLLOUT_WINDOW} steps (training prompts, sampled at the rollout temperature); the "
+                f"reward of each RL run's rollout batches against sqrt(sequence KL to the reference), step by step, "
+                f"trailing means over {ROLLOUT_WINDOW} steps (training prompts, sampled at the rollout temperature); the "
                 "dotted line marks where gold reward peaks</p>",
-                _img(overoptimisation(trajectories), "over-optimisation during training"), _peaks_table(trajectories)]
+                _img(overoptimisation(trajectories, by_kl=False, title="over-optimisation during training"),
+                     "over-optimisation during training"), _peaks_table(trajectories)]
     calibration = [(f"{r.path.name}: proxy RM vs gold", e["calibration"]["proxy"]["reliability"])
                    for r in runs for e in r.evals[-1:] if e.get("calibration", {}).get("proxy")]
     calibration += [(f"{r.path.name}: reward model, held-out pairs", r.rm_eval["reliability"])
