@@ -29,7 +29,7 @@ class DemoConfig:
     sft_data: str = option("demo", "SFT demonstrations JSONL; 'demo' = the embedded review demonstrations")
     prompts: str = option("demo", "Training prompts JSONL (rollouts, RL); 'demo' = embedded review prompts")
     eval_prompts: str = option("demo", "Held-out prompts JSONL for evaluation; 'demo' = embedded held-out prompts")
-    gold: str = option("vader", "Gold judge: labels the comparisons and scores the evaluation")
+    gold: str = option("vader", "Gold judge: labels the comparisons, scores the evaluation, is logged on RL rollouts")
     reward_backbone: str = option("minilm", "Reward-model backbone ('minilm' = embedded all-MiniLM-L6-v2)")
     output_dir: str = option("runs/demo", "Where every stage writes its outputs")
     fresh: bool = option(False, "Delete output_dir first and run every stage again")
