@@ -21,7 +21,7 @@ import inspect
 
 import torch
 
-from alignkit.models.load import unwrap
+from alignkit.models.load import base_model
 
 
 def prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -37,9 +37,7 @@ def _accepts_logits_to_keep(cls: type) -> bool:
 def keep_logits(model, n: int) -> dict:
     """Forward kwargs asking for the logits of the last n positions only (when the model supports it):
     the output layer is a large share of a small model's compute (SmolLM2: 28M of 135M parameters)."""
-    base = unwrap(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    return {"logits_to_keep": n} if _accepts_logits_to_keep(type(base)) else {}
+    return {"logits_to_keep": n} if _accepts_logits_to_keep(type(base_model(model))) else {}
 
 
 def unique_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

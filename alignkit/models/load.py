@@ -121,6 +121,12 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+def base_model(model):
+    """The transformers model under DDP / torch.compile wrappers and a PEFT wrapper."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_peft(model) -> bool:
     from peft import PeftModel
 

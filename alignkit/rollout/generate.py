@@ -33,7 +33,7 @@ import torch
 from alignkit.config import option
 from alignkit.errors import UserError
 from alignkit.models.forward import keep_logits, prefill_positions, unique_prompts
-from alignkit.models.load import unwrap
+from alignkit.models.load import base_model
 from alignkit.rollout.cache import make_cache
 from alignkit.rollout.linear import fast_linears
 from alignkit.rollout.sampling import TokenChooser
@@ -112,14 +112,8 @@ def _generator(cfg: SamplingConfig, generator, device) -> torch.Generator | None
     return torch.Generator(device=device).manual_seed(cfg.seed)
 
 
-def _unwrap(model):
-    """The transformers model under DDP / torch.compile wrappers (`models.load.unwrap`) and a PEFT wrapper."""
-    model = unwrap(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _config(model):
-    return getattr(_unwrap(model), "config", None)
+    return getattr(base_model(model), "config", None)
 
 
 def generate(
