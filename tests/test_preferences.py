@@ -99,6 +99,22 @@ def test_rankings_to_pairs_drops_ties_and_keeps_group():
     assert len(rankings_to_pairs([{"prompt": "q", "completions": list("abcd"), "ranking": [3, 1, 0, 2]}])) == 6
 
 
+def test_gold_scores_follow_rankings_into_pairs_and_groups():
+    row = {"prompt": "q", "completions": ["a", "b", "c"], "ranking": [1, 0, 2], "gold": [0.5, 0.9, -0.2]}
+    pairs = rankings_to_pairs([row])
+    assert [(p["chosen"], p["chosen_gold"], p["rejected_gold"]) for p in pairs] == [
+        ("b", 0.9, 0.5), ("b", 0.9, -0.2), ("a", 0.5, -0.2)]
+    assert "gold" not in pairs[0]
+    assert comparison_groups("rankings", [row], kwise=True)[0]["gold"] == [0.5, 0.9, -0.2]
+    (regrouped,) = comparison_groups("pairs", pairs, kwise=True)
+    assert dict(zip(regrouped["completions"], regrouped["gold"])) == {"a": 0.5, "b": 0.9, "c": -0.2}
+    # a `gold` field that is not one score per completion is an ordinary extra field
+    other = {**row, "gold": "reference text"}
+    assert rankings_to_pairs([other])[0]["gold"] == "reference text"
+    assert comparison_groups("rankings", [other], kwise=True)[0]["gold"] is None
+    assert comparison_groups("pairs", [{"prompt": "q", "chosen": "a", "rejected": "b"}], kwise=False)[0]["gold"] is None
+
+
 def test_comparison_groups_kwise_and_pairwise():
     rows = [{"prompt": "q", "completions": ["a", "b", "c"], "ranking": [1, 0, 2]}]
     (group,) = comparison_groups("rankings", rows, kwise=True)

@@ -13,7 +13,7 @@ from alignkit.data.preferences import rankings_to_pairs
 from alignkit.data.reward_text import RewardEncoder
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
-from alignkit.eval.reward import comparison_metrics
+from alignkit.eval.reward import comparison_metrics, gold_agreement
 from alignkit.losses.reward import bradley_terry_loss, kwise_loss
 from alignkit.models.load import ModelConfig
 from alignkit.models.reward import freeze_bottom, load_reward_model, reward_head
@@ -70,6 +70,15 @@ def test_comparison_metrics_hand_computed():
     assert m["ece"] == pytest.approx((abs(1 - 0.5) + abs(0 - 0.75)) / 2)  # two bins: |hit - confidence|
 
 
+def test_gold_agreement_hand_computed():
+    # gaps 0.5, 0.2, 0.3, 0 (a gold tie: left out), -0.9; hits 1, 0, 1/2 (d = 0), -, 0
+    m = gold_agreement(torch.tensor([1.0, -1.0, 0.0, 2.0, 5.0]), torch.tensor([0.5, 0.2, 0.3, 0.0, -0.9]), bins=2)
+    assert m["agreement"] == pytest.approx(1.5 / 4) and m["comparisons"] == 4 and m["ties_left_out"] == 1
+    low, high = m["by_gap"]  # |gap| 0.2, 0.3 | 0.5, 0.9
+    assert (low["gap_low"], low["gap_high"], low["count"]) == pytest.approx((0.2, 0.3, 2))
+    assert low["agreement"] == pytest.approx(0.25) and high["agreement"] == pytest.approx(0.5)
+
+
 # ------------------------------------------------------------------------------------------- toy data
 
 
@@ -96,8 +105,10 @@ def toy_rankings(n: int, seed: int, middle: str = "so so", ranking=(0, 2, 1)) ->
 
 
 def toy_eval_pairs() -> list[dict]:
-    """Held-out pairs in which every 'bad' completion appears twice (a tie between the two good ones)."""
-    return rankings_to_pairs(toy_rankings(16, 1, "is good too", ([0, 2], 1)))
+    """Held-out pairs in which every 'bad' completion appears twice (a tie between the two good ones), with
+    gold scores as simulated labels carry them."""
+    rows = toy_rankings(16, 1, "is good too", ([0, 2], 1))
+    return rankings_to_pairs([{**row, "gold": [1.0, 0.0, 1.0]} for row in rows])
 
 
 @pytest.fixture
@@ -135,6 +146,10 @@ def test_reward_model_learns_saves_and_scores(tiny_llama_dir, toy_files, tmp_pat
     model_dir = run_rm(rm_cfg(tiny_llama_dir, train, evalf, out, "train.epochs=2"))
     metrics = json.loads((out / "eval.json").read_text())
     assert metrics["accuracy"] >= 0.95 and metrics["comparisons"] == 32
+    # the labels follow the gold scores here, so agreement with the gold order is the accuracy
+    gold = metrics["gold"]
+    assert gold["agreement"] == pytest.approx(metrics["accuracy"]) and gold["comparisons"] == 32
+    assert gold["pearson"] > 0.8 and sum(b["count"] for b in gold["by_gap"]) == 32
     meta = json.loads((model_dir / "alignkit_reward.json").read_text())
     assert meta["chat_template"] is True and meta["eval"]["accuracy"] == metrics["accuracy"]
     # the saved directory is a plain transformers reward model: same raw scores as ours

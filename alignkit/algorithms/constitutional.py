@@ -39,6 +39,7 @@ from alignkit.config import option
 from alignkit.data.constitution import Principle, load_constitution, sample_principles
 from alignkit.data.preferences import prompt_fields, prompt_of
 from alignkit.errors import UserError
+from alignkit.eval.reward import gold_agreement
 from alignkit.feedback.ai_judge import JudgeConfig, PairwiseJudge
 from alignkit.models.load import ModelConfig
 from alignkit.rollout.generate import SamplingConfig, generate_text
@@ -232,14 +233,10 @@ def agreement_report(p_ab: torch.Tensor, p_ba: torch.Tensor, gold_gap: torch.Ten
     if gold_gap is None:
         return report
     keep = gold_gap != 0
-    truth = gold_gap[keep] > 0  # a is better
 
     def agree(p_a_wins: torch.Tensor, mask=None) -> float:
-        p, t = p_a_wins[keep], truth
-        if mask is not None:
-            p, t = p[mask[keep]], t[mask[keep]]
-        hits = ((p > 0.5) == t).double() * (p != 0.5).double() + 0.5 * (p == 0.5).double()
-        return float(hits.mean()) if len(hits) else float("nan")
+        mask = torch.ones_like(keep) if mask is None else mask
+        return gold_agreement(p_a_wins[mask] - 0.5, gold_gap[mask])["agreement"]
 
     report.update(gold_pairs=int(keep.sum()), gold_ties_left_out=int((~keep).sum()),
                   agreement_order_ab=agree(p_ab), agreement_order_ba=agree(1 - p_ba),

@@ -34,7 +34,7 @@ from alignkit.data.reward_text import RewardEncoder
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine, chunks
 from alignkit.errors import UserError
-from alignkit.eval.reward import comparison_metrics
+from alignkit.eval.reward import comparison_metrics, gold_agreement
 from alignkit.losses.reward import kwise_loss
 from alignkit.models.load import LoraConfig, ModelConfig, load_tokenizer, save_model
 from alignkit.models.reward import load_reward_model, reward_forward, save_metadata
@@ -138,17 +138,23 @@ def load_groups(path: str, encoder: RewardEncoder, kwise: bool) -> list[dict]:
             if (prompt_key, text) not in cache:
                 cache[(prompt_key, text)] = encoder.encode(g["prompt"], text, where=str(path))
             seqs.append(cache[(prompt_key, text)])
-        out.append({"seqs": seqs, **{k: g[k] for k in ("winners", "losers", "margin", "label")}})
+        out.append({"seqs": seqs, **{k: g[k] for k in ("winners", "losers", "margin", "label", "gold")}})
     return out
 
 
 @torch.no_grad()
 def evaluate_groups(model, algorithm: RewardModeling, groups: list[dict], batch_size: int,
                     device) -> tuple[dict, torch.Tensor]:
-    """Per-comparison metrics over `groups` and the rewards (U,) of their distinct completions."""
+    """Per-comparison metrics over `groups` and the rewards (U,) of their distinct completions.
+
+    When every group carries gold scores (simulated labels), `metrics["gold"]` adds the agreement of
+    the rewards with the gold order (`eval.reward.gold_agreement`) and their Pearson correlation with
+    the gold scores over the distinct completions (None when either is constant).
+    """
     was_training = model.training
     model.eval()
-    deltas, labels, unique = [], [], {}
+    deltas, labels, unique, gold_of = [], [], {}, {}
+    with_gold = all(g["gold"] is not None for g in groups)
     ordered = sorted(groups, key=lambda g: max(len(s["input_ids"]) for s in g["seqs"]))  # less padding
     for part in chunks(ordered, batch_size):
         batch = {k: v.to(device) for k, v in algorithm.prepare(part).items()}
@@ -156,12 +162,23 @@ def evaluate_groups(model, algorithm: RewardModeling, groups: list[dict], batch_
         deltas.append(rewards[batch["winners"]] - rewards[batch["losers"]])
         labels.append(batch["label"])
         seqs = [s for g in part for s in g["seqs"]]
+        golds = [x for g in part for x in g["gold"]] if with_gold else None
         for i, r in zip(batch["order"].tolist(), rewards.tolist()):
             unique[tuple(seqs[i]["input_ids"])] = r
+            if with_gold:
+                gold_of[tuple(seqs[i]["input_ids"])] = golds[i]
     model.train(was_training)
     rewards = torch.tensor(list(unique.values()), dtype=torch.float64)
-    metrics = comparison_metrics(torch.cat(deltas).cpu(), torch.cat(labels).cpu())
+    delta = torch.cat(deltas).cpu()
+    metrics = comparison_metrics(delta, torch.cat(labels).cpu())
     metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False)))
+    if with_gold:
+        gaps = torch.tensor([g["gold"][w] - g["gold"][l] for g in ordered for w, l in zip(g["winners"], g["losers"])],
+                            dtype=torch.float64)
+        gold = torch.tensor([gold_of[k] for k in unique], dtype=torch.float64)
+        varied = bool(rewards.std() > 0 and gold.std() > 0)
+        pearson = float(torch.corrcoef(torch.stack([rewards, gold]))[0, 1]) if varied else None
+        metrics["gold"] = {**gold_agreement(delta, gaps), "pearson": pearson}
     return metrics, rewards
 
 
@@ -234,7 +251,8 @@ def run_rm(cfg: RewardModelConfig) -> Path:
         m = _finish(cfg, model, tokenizer, algorithm, reference, eval_path, engine.accelerator.device)
         if held_out:
             ceiling = f" (ceiling {m['ceiling']:.4f})" if m["ceiling"] is not None else ""
-            log.info("held-out: accuracy %.4f%s, log loss %.4f, ECE %.4f over %d comparisons", m["accuracy"],
-                     ceiling, m["log_loss"], m["ece"], m["comparisons"])
+            gold = f"; agreement with the gold order {m['gold']['agreement']:.4f}" if "gold" in m else ""
+            log.info("held-out: accuracy %.4f%s, log loss %.4f, ECE %.4f over %d comparisons%s", m["accuracy"],
+                     ceiling, m["log_loss"], m["ece"], m["comparisons"], gold)
     engine.accelerator.wait_for_everyone()
     return out / "model"

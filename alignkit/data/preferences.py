@@ -20,6 +20,9 @@ Rankings, K >= 2 completions of one prompt ranked best first:
 
 `rankings_to_pairs` turns each ranking into all of its C(K, 2) pairs, dropping tied ones; every pair
 keeps the ranking's other fields and its `prompt_id`, so the K-wise grouping survives the conversion.
+A ranking's per-completion gold scores (`gold`, written by the simulated labelers) become each pair's
+`chosen_gold` / `rejected_gold`, the fields simulated pairs carry; the reward model's evaluation
+measures its agreement with the gold order from them.
 """
 
 from __future__ import annotations
@@ -207,27 +210,46 @@ def rankings_to_pairs(rows: Iterable[dict]) -> list[dict]:
 
     Each pair keeps the ranking's other fields, its prompt (`prompt` or `messages`), a `prompt_id`
     (the ranking's `prompt_id`, else its `id`, else its 0-based row number) and an `id`
-    "<prompt_id>:<winner>><loser>" naming the two completion indices.
+    "<prompt_id>:<winner>><loser>" naming the two completion indices; a per-completion `gold` list
+    becomes `chosen_gold` / `rejected_gold`.
     """
     pairs = []
     for n, row in enumerate(rows):
         pid = row.get("prompt_id", row.get("id", n))
-        extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", "completions", "ranking", "id")}
+        gold = gold_scores(row)
+        drop = ("prompt", "messages", "completions", "ranking", "id") + (("gold",) if gold else ())
+        extra = {k: v for k, v in row.items() if k not in drop}
         levels = ranking_levels(row["ranking"], len(row["completions"]))
         for better, worse in combinations(range(len(levels)), 2):
             for w in levels[better]:
                 for l in levels[worse]:
+                    sides = {"chosen_gold": gold[w], "rejected_gold": gold[l]} if gold else {}
                     pairs.append({**prompt_fields(row), "chosen": row["completions"][w],
-                                  "rejected": row["completions"][l], **extra, "prompt_id": pid, "id": f"{pid}:{w}>{l}"})
+                                  "rejected": row["completions"][l], **extra, **sides, "prompt_id": pid,
+                                  "id": f"{pid}:{w}>{l}"})
     return pairs
 
 
+def gold_scores(row: dict) -> list[float] | None:
+    """A ranking's per-completion gold scores (`gold`, as the simulated labelers write them), else None."""
+    gold = row.get("gold")
+    if isinstance(gold, list) and len(gold) == len(row["completions"]) and all(_is_number(g) for g in gold):
+        return [float(g) for g in gold]
+    return None
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def comparison_groups(kind: str, rows: list[dict], kwise: bool) -> list[dict]:
-    """Batch elements for reward-model training: `{prompt, completions, winners, losers, margin, label}`.
+    """Batch elements for reward-model training: `{prompt, completions, winners, losers, margin, label, gold}`.
 
     With `kwise`, one element per prompt holds all its comparisons (a ranking, or the pairs sharing a
     `prompt_id`, else the same prompt); otherwise one element per comparison. `winners[m]` /
     `losers[m]` index `completions`; a group whose completions are all tied has no comparison and is left out.
+    `gold` holds a gold score per completion when the rows carry them (a ranking's `gold`, a pair's
+    `chosen_gold` / `rejected_gold`), else None.
     """
     if kind == "rankings" and not kwise:
         kind, rows = "pairs", rankings_to_pairs(rows)
@@ -248,12 +270,14 @@ def _ranking_group(row: dict) -> dict:
     levels = ranking_levels(row["ranking"], len(row["completions"]))
     wins = [(w, l) for a, b in combinations(range(len(levels)), 2) for w in levels[a] for l in levels[b]]
     return {"prompt": prompt_of(row), "completions": list(row["completions"]), "winners": [w for w, _ in wins],
-            "losers": [l for _, l in wins], "margin": [0.0] * len(wins), "label": [1.0] * len(wins)}
+            "losers": [l for _, l in wins], "margin": [0.0] * len(wins), "label": [1.0] * len(wins),
+            "gold": gold_scores(row)}
 
 
 def _pairs_group(pairs: list[dict]) -> dict:
     completions: list[str] = []
     index: dict[str, int] = {}
+    gold: dict[str, float] = {}
     group = {"prompt": prompt_of(pairs[0]), "completions": completions, "winners": [], "losers": [],
              "margin": [], "label": []}
     for pair in pairs:
@@ -263,8 +287,11 @@ def _pairs_group(pairs: list[dict]) -> dict:
                 index[text] = len(completions)
                 completions.append(text)
             group[key].append(index[text])
+            if _is_number(pair.get(f"{side}_gold")):
+                gold[text] = float(pair[f"{side}_gold"])
         group["margin"].append(float(pair.get("margin") or 0.0))
         group["label"].append(float(pair["label"]) if pair.get("label") is not None else 1.0)
+    group["gold"] = [gold[t] for t in completions] if len(gold) == len(completions) else None
     return group
 
 

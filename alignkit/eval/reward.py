@@ -97,6 +97,26 @@ def comparison_metrics(delta: torch.Tensor, label: torch.Tensor | None = None, b
             "ece": cal["ece"], "comparisons": int(delta.numel()), "reliability": cal["reliability"]}
 
 
+def gold_agreement(delta: torch.Tensor, gap: torch.Tensor, bins: int = 4) -> dict:
+    """How often score differences d (M,) order comparisons as a gold judge does, given gold gaps g (M,).
+
+        agreement = mean over comparisons with g != 0 of ([d g > 0] + [d = 0] / 2)
+
+    overall, and in `bins` bins of equal count by |g|, smallest gaps first (`by_gap`: the |g| range, count
+    and agreement of each): a disagreement at a large gold gap is an error, at a small one a close call.
+    With simulated labels this measures the model against the judge itself, without the label noise.
+    """
+    d, g = delta.double(), gap.double()
+    keep = g != 0
+    d, g = d[keep], g[keep]
+    hits = (d * g > 0).double() + 0.5 * (d == 0).double()
+    size = g.abs()
+    by_gap = [{"gap_low": float(size[part].min()), "gap_high": float(size[part].max()), "count": len(part),
+               "agreement": float(hits[part].mean())} for part in size.argsort().tensor_split(bins) if len(part)]
+    return {"agreement": float(hits.mean()) if len(hits) else float("nan"), "comparisons": int(keep.sum()),
+            "ties_left_out": int((~keep).sum()), "by_gap": by_gap}
+
+
 def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
     """mean([s_i > b_i] + [s_i = b_i] / 2): how often the policy beats the baseline on the same prompt."""
     s, b = scores.double(), baseline.double()
