@@ -153,7 +153,7 @@ def evaluate_groups(model, algorithm: RewardModeling, groups: list[dict], batch_
     """
     was_training = model.training
     model.eval()
-    deltas, labels, unique, gold_of = [], [], {}, {}
+    deltas, labels, unique = [], [], {}  # unique: tokens of a distinct completion -> (reward, gold score)
     with_gold = all(g["gold"] is not None for g in groups)
     ordered = sorted(groups, key=lambda g: max(len(s["input_ids"]) for s in g["seqs"]))  # less padding
     for part in chunks(ordered, batch_size):
@@ -162,20 +162,18 @@ def evaluate_groups(model, algorithm: RewardModeling, groups: list[dict], batch_
         deltas.append(rewards[batch["winners"]] - rewards[batch["losers"]])
         labels.append(batch["label"])
         seqs = [s for g in part for s in g["seqs"]]
-        golds = [x for g in part for x in g["gold"]] if with_gold else None
+        golds = [x for g in part for x in g["gold"]] if with_gold else [None] * len(seqs)
         for i, r in zip(batch["order"].tolist(), rewards.tolist()):
-            unique[tuple(seqs[i]["input_ids"])] = r
-            if with_gold:
-                gold_of[tuple(seqs[i]["input_ids"])] = golds[i]
+            unique[tuple(seqs[i]["input_ids"])] = (r, golds[i])
     model.train(was_training)
-    rewards = torch.tensor(list(unique.values()), dtype=torch.float64)
+    rewards = torch.tensor([r for r, _ in unique.values()], dtype=torch.float64)
     delta = torch.cat(deltas).cpu()
     metrics = comparison_metrics(delta, torch.cat(labels).cpu())
     metrics.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False)))
     if with_gold:
         gaps = torch.tensor([g["gold"][w] - g["gold"][l] for g in ordered for w, l in zip(g["winners"], g["losers"])],
                             dtype=torch.float64)
-        gold = torch.tensor([gold_of[k] for k in unique], dtype=torch.float64)
+        gold = torch.tensor([g for _, g in unique.values()], dtype=torch.float64)
         varied = bool(rewards.std() > 0 and gold.std() > 0)
         pearson = float(torch.corrcoef(torch.stack([rewards, gold]))[0, 1]) if varied else None
         metrics["gold"] = {**gold_agreement(delta, gaps), "pearson": pearson}

@@ -36,7 +36,7 @@ from typing import Any, Iterable
 
 from alignkit.config import option
 from alignkit.data.jsonl import iter_rows, write_jsonl
-from alignkit.data.schema import Field, Schema, _prompt_messages, register_type, type_name
+from alignkit.data.schema import Field, Schema, _is_number, _prompt_messages, register_type, type_name
 from alignkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -237,9 +237,6 @@ def gold_scores(row: dict) -> list[float] | None:
         return [float(g) for g in gold]
     return None
 
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def comparison_groups(kind: str, rows: list[dict], kwise: bool) -> list[dict]:
