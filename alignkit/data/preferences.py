@@ -238,7 +238,6 @@ def gold_scores(row: dict) -> list[float] | None:
     return None
 
 
-
 def comparison_groups(kind: str, rows: list[dict], kwise: bool) -> list[dict]:
     """Batch elements for reward-model training: `{prompt, completions, winners, losers, margin, label, gold}`.
 
