@@ -7,10 +7,10 @@
             ─► critic forward (PPO only) ─► values
 
 `old_logps` are the sampler's own log-probs under log_softmax(logits / T): no extra forward pass.
-The samples of a group share their prompt's pass, in generation and in every teacher-forced forward
-(`models.forward.prefix_forward`).
 The first minibatch of each update checks them against the training forward (logged as
 `logp_diff_max`; it must be ~0, else generation and training disagree and the ratio is biased).
+The samples of a group share their prompt's pass, in generation and in every teacher-forced forward
+(`models.forward.prefix_forward`).
 """
 
 from __future__ import annotations
