@@ -239,9 +239,13 @@ def test_peft_wrapped_model(tok, batch, monkeypatch):
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a trained adapter: outputs now differ from the base model
-    tuned = run(lora, tok, batch, max_new_tokens=8, temperature=0.8, seed=0)
+    tuned = run(lora, tok, batch, max_new_tokens=8, temperature=0.8, seed=0)  # adapters packed into the weights
     assert lora.training and not torch.equal(tuned.response_ids, sampled.response_ids)
     torch.testing.assert_close(tuned.logps, teacher_forced_logps(lora, batch, tuned, 0.8), atol=1e-4, rtol=0)
+    with torch.inference_mode(), fast_linear.fast_linears(lora) as n:
+        assert n == 15  # 6 LoRA layers as one product each (not their 18 inner linears) + 9 plain ones
+    with lora.disable_adapter():  # the reference policy: the base weights, untouched by the packing
+        assert torch.equal(run(lora, tok, batch, max_new_tokens=8, do_sample=False).response_ids, greedy.response_ids)
 
 
 def test_generate_text(tok):

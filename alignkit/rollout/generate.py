@@ -16,7 +16,7 @@ Implementation details (each measured on the benchmark machine, see `benchmarks/
    decoded and their tokens discarded).
 5. Sampling inverts the CDF with one uniform per row (`rollout.sampling`), not `torch.multinomial`.
 6. On the CPU, the large float32 linear layers (the output layer above all) run through oneDNN
-   with weights prepacked once per call (`rollout.linear`).
+   with weights prepacked once per call, LoRA adapters merged into the packed copy (`rollout.linear`).
 7. The model runs in eval mode under `torch.inference_mode()`; its training mode is restored after
    and the returned tensors are ordinary tensors (usable as inputs to a later autograd pass).
 """
