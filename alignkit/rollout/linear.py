@@ -90,8 +90,8 @@ def _packed_forward(module, weight: torch.Tensor, bias: torch.Tensor | None):
 def fast_linears(model, enabled: bool = True):
     """Within the block (no grad), `model`'s large float32 CPU linear layers run through oneDNN."""
     patched, inside = [], set()  # inside: the layers of a LoRA wrapper packed as one product
-    if enabled and _available():
-        for m in model.modules():
+    try:
+        for m in model.modules() if enabled and _available() else ():
             if m in inside:
                 continue
             lora = _lora_weight(m)
@@ -103,7 +103,6 @@ def fast_linears(model, enabled: bool = True):
             else:
                 continue
             patched.append(m)
-    try:
         yield len(patched)
     finally:
         for m in patched:
