@@ -19,18 +19,15 @@ import json
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer, SentiText
 
+from alignkit.data.jsonl import read_jsonl
+from alignkit.feedback.simulated import ceiling_path
 from alignkit.tasks.preference_demo import build_preference_demo
-
-
-def read(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def main() -> None:
     paths = build_preference_demo()
-    train, held_out = read(paths["pairs_train"]), read(paths["pairs_eval"])
-    ceiling = json.loads(paths["pairs_eval"].with_suffix(".ceiling.json").read_text())["ceiling"]
+    train, held_out = read_jsonl(paths["pairs_train"]), read_jsonl(paths["pairs_eval"])
+    ceiling = json.loads(ceiling_path(paths["pairs_eval"]).read_text())["ceiling"]
     analyzer = SentimentIntensityAnalyzer()
     lexicon = dict(analyzer.lexicon)
     texts = {t for row in train for t in (row["chosen"], row["rejected"])}
