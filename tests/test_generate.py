@@ -149,6 +149,27 @@ def test_fast_linear_path_is_exact(tok, batch, monkeypatch):
     assert "forward" not in model.lm_head.__dict__  # the patch is undone
 
 
+def test_sibling_projections_share_one_product(monkeypatch):
+    """q/k/v (and gate/up) are packed side by side: one product for the three calls on one input."""
+    attn = tiny_llama().model.layers[0].self_attn
+    names = ("q_proj", "k_proj", "v_proj")
+    x, y = torch.randn(2, 3, attn.q_proj.in_features), torch.randn(2, 3, attn.q_proj.in_features)
+    want = {(n, id(t)): getattr(attn, n)(t) for n in names for t in (x, y)}
+    calls, linear = [], fast_linear._linear
+    monkeypatch.setattr(fast_linear, "MIN_NUMEL", 0)
+    monkeypatch.setattr(fast_linear, "_linear", lambda *a: calls.append(1) or linear(*a))
+    got = []
+    with torch.inference_mode(), fast_linear.fast_linears(attn):
+        for n, t in [("k_proj", x), ("q_proj", x), ("v_proj", x)]:  # any member may come first: one product
+            got.append((n, t, getattr(attn, n)(t)))
+        assert len(calls) == 1
+        for n, t in [("q_proj", y), ("k_proj", x), ("v_proj", y), ("k_proj", y), ("k_proj", y)]:
+            got.append((n, t, getattr(attn, n)(t)))  # another input, or an output already taken: computed
+        assert len(calls) == 5  # k(y) after v(y) is the one taken from the product of v(y)
+    for n, t, out in got:
+        torch.testing.assert_close(out, want[n, id(t)], atol=1e-5, rtol=0)
+
+
 def test_seed_reproducible(model, tok, batch):
     a = run(model, tok, batch, max_new_tokens=10, seed=1)
     b = run(model, tok, batch, max_new_tokens=10, seed=1)

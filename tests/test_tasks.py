@@ -48,7 +48,7 @@ def test_alignkit_home(monkeypatch, tmp_path):
 
 
 def test_resolve_local_dir(tmp_path, monkeypatch):
-    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    assert resolve_model(str(tmp_path)) == resolve_model(tmp_path) == str(tmp_path)  # a str or a Path
     (tmp_path / "runs" / "sft").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert resolve_model("runs/sft") == "runs/sft"  # an existing dir wins over the org/name reading

@@ -60,13 +60,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def resolve_path(path: str) -> str:
+def resolve_path(path: str | os.PathLike) -> str:
     from alignkit.tasks.embedded import resolve_model
 
     return resolve_model(path)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str | os.PathLike):
     """Tokenizer with a pad token (eos when it has none) and left padding, for generation."""
     from transformers import AutoTokenizer
 

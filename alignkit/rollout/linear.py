@@ -21,6 +21,14 @@ output layer, and in Llama-like models the MLP and the larger attention projecti
 module's `forward` only (the model's own code around it runs unchanged), and only for float32 weights
 on the CPU.
 
+Projections that one module applies to the same input (`SIBLINGS`: attention's q, k, v; a gated
+MLP's gate and up) are packed side by side as one product when together they reach `MIN_NUMEL`:
+the first of them to be called computes all the outputs and the others take theirs (checked by the
+identity of the input tensor). SmolLM2's 192 x 576 k and v projections, too small alone, then ride
+along with q, and the gated MLP runs one product instead of two: SmolLM2-135M with LoRA r 16 generated
+exactly 24 tokens for 8 prompts of about 10 tokens in 2.53-2.59 s instead of 2.80-2.93 s (two interleaved
+runs each).
+
 A PEFT LoRA layer with plain adapters is packed as one product: the frozen weight plus the active
 adapters' `get_delta_weight` (W + scaling * B @ A, what `merge_adapter` would write, but into the
 packed copy, so the model's weights are never touched). Decoding then skips PEFT's per-layer Python
@@ -45,6 +53,9 @@ import torch
 # lower it to exercise the path on tiny models.
 MIN_NUMEL = 1 << 18
 
+# Projections that one module applies to the same input (attention, gated MLP), by attribute name.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
 
 def _available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -54,7 +65,7 @@ def _plain_linear(module) -> bool:
     if type(module) is not torch.nn.Linear or "forward" in module.__dict__:  # e.g. accelerate hooks
         return False
     w = module.weight
-    return w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= MIN_NUMEL
+    return w.device.type == "cpu" and w.dtype == torch.float32
 
 
 def _lora_weight(module) -> torch.Tensor | None:
@@ -73,36 +84,81 @@ def _lora_weight(module) -> torch.Tensor | None:
     return weight
 
 
-def _packed_forward(module, weight: torch.Tensor, bias: torch.Tensor | None):
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+def _product(module):
+    """(weight, bias) of the product a plain float32 CPU linear or a packable LoRA linear computes; else None."""
+    if module is None:
+        return None
+    lora = _lora_weight(module)
+    if lora is not None:
+        return lora, module.base_layer.bias
+    return (module.weight.detach(), module.bias) if _plain_linear(module) else None
 
-    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or x.dtype != torch.float32:  # not the plain float32 call we packed for
-            return type(module).forward(module, x, *args, **kwargs)
-        flat = x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
-        out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")  # (N, out)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    return forward
+def _siblings(module) -> list | None:
+    """The members of a `SIBLINGS` group of `module` that can be packed as one product, else None."""
+    for names in SIBLINGS:
+        members = [getattr(module, n, None) for n in names]
+        products = [_product(m) for m in members]
+        if (all(products) and len({w.shape[1] for w, _ in products}) == 1
+                and len({b is None for _, b in products}) == 1 and sum(w.numel() for w, _ in products) >= MIN_NUMEL):
+            return list(zip(members, products))
+    return None
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # (N, in)
+    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")  # (N, out)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _packed_forwards(group: list) -> list:
+    """Forwards for `group`, [(module, (weight, bias))], packed side by side as one product.
+
+    The first member called with an input computes every member's output; the others, called next
+    with that same tensor (as attention does q, k, v), take theirs instead of computing it again.
+    A call with another input, or a second call for the same output, computes the product afresh.
+    (This assumes the model does not modify that input in place between the calls; none does.)
+    """
+    weights = [w for _, (w, _) in group]
+    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights) if len(group) > 1 else weights[0], None)
+    biases = [b for _, (_, b) in group]
+    bias = None if biases[0] is None else torch.cat(biases).detach()
+    sizes = [w.shape[0] for w in weights]
+    pending: dict = {}  # "x": the last input, "out": {member: output} not yet taken
+
+    def make(i: int, module):
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if args or kwargs or x.dtype != torch.float32:  # not the plain float32 call we packed for
+                return type(module).forward(module, x, *args, **kwargs)
+            if pending.get("x") is x and i in pending["out"]:
+                return pending["out"].pop(i)
+            outs = [o.contiguous() for o in _linear(x, packed, bias).split(sizes, dim=-1)]
+            pending.update(x=x, out={j: o for j, o in enumerate(outs) if j != i})
+            return outs[i]
+
+        return forward
+
+    return [make(i, m) for i, (m, _) in enumerate(group)]
 
 
 @contextlib.contextmanager
 def fast_linears(model, enabled: bool = True):
     """Within the block (no grad), `model`'s large float32 CPU linear layers run through oneDNN."""
-    patched, inside = [], set()  # inside: the layers of a LoRA wrapper packed as one product
+    patched, inside = [], set()  # inside: layers of a packed group or LoRA wrapper, already handled
     try:
         for m in model.modules() if enabled and _available() else ():
             if m in inside:
                 continue
-            lora = _lora_weight(m)
-            if lora is not None:
-                inside.update(m.modules())
-                m.forward = _packed_forward(m, lora, m.base_layer.bias)
-            elif _plain_linear(m):
-                m.forward = _packed_forward(m, m.weight.detach(), m.bias)
-            else:
-                continue
-            patched.append(m)
+            group = _siblings(m)
+            if group is None:
+                product = _product(m)
+                if product is None or product[0].numel() < MIN_NUMEL:
+                    continue
+                group = [(m, product)]
+            for (member, _), forward in zip(group, _packed_forwards(group)):
+                inside.update(member.modules())
+                member.forward = forward
+                patched.append(member)
         yield len(patched)
     finally:
         for m in patched:

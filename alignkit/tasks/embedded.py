@@ -248,13 +248,14 @@ def _looks_local(name: str) -> bool:
     return any(s in name for s in seps) and not _HUB_NAME.match(name)
 
 
-def resolve_model(name: str) -> str:
-    """Turn a model reference into something `from_pretrained` accepts.
+def resolve_model(name: str | os.PathLike) -> str:
+    """Turn a model reference (a string or a path object) into something `from_pretrained` accepts.
 
     'smollm2' / 'embedded' -> the converted SmolLM2 directory; 'minilm' -> the packaged MiniLM directory;
     an existing local directory -> itself; something that looks like a path but does not exist ->
     UserError; anything else (e.g. 'org/name') is returned unchanged as a hub name.
     """
+    name = os.fspath(name)
     alias = ALIASES.get(name.strip().lower())
     if alias == "smollm2":
         return str(smollm2_dir())
