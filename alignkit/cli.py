@@ -23,8 +23,8 @@ STAGES = {
                 "sample K completions per prompt into a rankings file for labelling"),
     "label": ("alignkit.feedback.simulated", "LabelConfig", "run_label",
               "simulated labelers: rank completions with a noisy gold judge"),
-    "rankings-to-pairs": ("alignkit.data.preferences", "RankingsToPairsConfig", "run_rankings_to_pairs",
-                          "expand K-wise rankings to all pairwise comparisons (ties dropped)"),
+    "data rankings-to-pairs": ("alignkit.data.preferences", "RankingsToPairsConfig", "run_rankings_to_pairs",
+                               "expand K-wise rankings to all pairwise comparisons (ties dropped)"),
     "rm": ("alignkit.algorithms.reward_model", "RewardModelConfig", "run_rm",
            "train a reward model (Bradley-Terry or K-wise) and calibrate it"),
     "score": ("alignkit.rewards.reward_model", "ScoreConfig", "run_score", "score a JSONL of prompt/completion rows"),
@@ -49,7 +49,7 @@ STAGES = {
                   "RLAIF: soft preference labels from an AI judge, both orders averaged"),
 }
 # `alignkit cai revise ...` is the stage "cai revise": a group name followed by its subcommand.
-GROUPS = {"cai": ("revise", "label")}
+GROUPS = {"cai": ("revise", "label"), "data": ("rankings-to-pairs",)}
 
 
 def build_parser() -> argparse.ArgumentParser:

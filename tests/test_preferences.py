@@ -127,17 +127,15 @@ def test_comparison_groups_kwise_and_pairwise():
     assert sorted(regrouped["completions"]) == ["a", "b", "c"] and len(regrouped["winners"]) == 3
 
 
-def test_rankings_to_pairs_command(tmp_path, monkeypatch):
+def test_rankings_to_pairs_command(tmp_path):
     from alignkit import cli
 
     src = lines(tmp_path / "r.jsonl", [{"prompt": "q", "completions": ["a", "b", "c"], "ranking": [1, [0, 2]]}])
     out = tmp_path / "pairs.jsonl"
-    monkeypatch.setitem(cli.STAGES, "rankings-to-pairs", ("alignkit.data.preferences", "RankingsToPairsConfig",
-                                                          "run_rankings_to_pairs", "rankings -> pairs"))
-    assert cli.main(["rankings-to-pairs", f"input={src}", f"output={out}"]) == 0
+    assert cli.main(["data", "rankings-to-pairs", f"input={src}", f"output={out}"]) == 0
     assert [(p["chosen"], p["rejected"]) for p in read_pairs(out)] == [("b", "a"), ("b", "c")]
     bad = lines(tmp_path / "bad.jsonl", [{"prompt": "q", "completions": ["a", "b"], "ranking": [0, 2]}])
-    assert cli.main(["rankings-to-pairs", f"input={bad}", f"output={out}"]) == 2
+    assert cli.main(["data", "rankings-to-pairs", f"input={bad}", f"output={out}"]) == 2
     with pytest.raises(UserError, match="set both input"):
         load_config(RankingsToPairsConfig, None, [f"input={src}"])
 
