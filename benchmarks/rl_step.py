@@ -5,6 +5,7 @@ same workload when TRL is installed (bench-only dependency).
     python benchmarks/rl_step.py --algos grpo --steps 3 --warmup 1 --repeats 1   # a quick smoke run
     python benchmarks/rl_step.py --model smollm2 --algos grpo ppo  # embedded SmolLM2-135M with LoRA r 16
     python benchmarks/rl_step.py --model smollm2 --memory          # LoRA PPO peak RSS vs one model's full FT
+    python benchmarks/rl_step.py --gpu --threads 8 --algos grpo rloo  # on a GPU: bf16 autocast, both toolkits
 
 Workload "tiny" (shared/BENCHMARK.md): the benchmark Llama (5.2M parameters, seed 0) and tokenizer;
 256 prompts of exactly 32 tokens; at most 32 new tokens, temperature 1, no top-k/top-p, stop at EOS;
@@ -17,6 +18,9 @@ PPO is absent from current TRL (compare against trl==1.12.0 in a separate enviro
 
 Reported: median seconds per step, tokens/s (non-pad prompt + response tokens, once per sequence),
 share of the step spent generating, peak RSS (ru_maxrss), and ours / TRL within the same repeat.
+
+`--gpu`: both toolkits on the GPU under bf16 autocast (a LoRA base in bf16, fully trained weights in float32);
+peak RSS is then the host's, and the GPU's peak allocation is reported beside it.
 
 `--memory`: peak RSS of LoRA PPO with what PPO itself holds (policy, reference = the adapter-disabled base,
 value head on the policy trunk; the count-of-"good" reward, so no reward model) against one full
@@ -70,6 +74,7 @@ class SeqClsReward:
 
         self.tok.padding_side = "right"
         batch = self.tok([p + c for p, c in zip(prompts, completions)], return_tensors="pt", padding=True)
+        batch = batch.to(self.model.device)
         self.tok.padding_side = "left"
         with torch.no_grad():
             return self.model(**batch).logits[:, 0].float()
@@ -90,7 +95,7 @@ def load(model_name: str):
 
 
 # ---- alignkit --------------------------------------------------------------------------------------------
-def ours(algo: str, model_name: str, steps: int, warmup: int) -> dict:
+def ours(algo: str, model_name: str, steps: int, warmup: int, gpu: bool) -> dict:
     import copy
 
     import alignkit.rollout.rollout as rollout_mod
@@ -110,7 +115,8 @@ def ours(algo: str, model_name: str, steps: int, warmup: int) -> dict:
         "reward.function=rl_step:count_good", f"kl.beta={BETA}", f"sampling.max_new_tokens={NEW_TOKENS}",
         f"online.prompts_per_step={8 // group}", f"online.group_size={group}", "online.epochs=1",
         "online.chat_template=false", f"online.steps={steps + warmup}", "train.batch_size=8",
-        "train.micro_batch_size=8", f"train.lr={LR}", "train.report_to=[]", "train.precision=fp32", f"lora.r={r}"])
+        "train.micro_batch_size=8", f"train.lr={LR}", "train.report_to=[]", f"train.precision={'bf16' if gpu else 'fp32'}",
+        f"lora.r={r}"])
     if algo == "ppo":  # the critic is a copy of the reward model's trunk (+ LoRA), a value head on top
         critic = copy.deepcopy(rm).base_model
         critic = add_lora(critic, LoraConfig(r=r)) if r else critic
@@ -177,7 +183,7 @@ def full_finetune(model_name: str, steps: int, warmup: int) -> dict:
 
 
 # ---- TRL -------------------------------------------------------------------------------------------------
-def trl(algo: str, model_name: str, steps: int, warmup: int) -> dict:
+def trl(algo: str, model_name: str, steps: int, warmup: int, gpu: bool) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
 
@@ -214,9 +220,9 @@ def trl(algo: str, model_name: str, steps: int, warmup: int) -> dict:
                                "rloo": (trl_mod.RLOOConfig, trl_mod.RLOOTrainer)}[algo]
     args = config_cls(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, num_generations=4,
                       max_completion_length=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, beta=BETA,
-                      learning_rate=LR, max_steps=steps + warmup, bf16=False, gradient_checkpointing=False,
-                      use_cpu=True, report_to="none", save_strategy="no", logging_steps=1000, num_iterations=1,
-                      steps_per_generation=1, model_init_kwargs={"dtype": "float32"})
+                      learning_rate=LR, max_steps=steps + warmup, bf16=gpu, gradient_checkpointing=False,
+                      use_cpu=not gpu, report_to="none", save_strategy="no", logging_steps=1000, num_iterations=1,
+                      steps_per_generation=1, model_init_kwargs={"dtype": "bfloat16" if gpu and r else "float32"})
     peft = None
     if r:
         from peft import LoraConfig
@@ -230,10 +236,13 @@ def trl(algo: str, model_name: str, steps: int, warmup: int) -> dict:
 
 
 def summary(times, shares, tokens) -> dict:
+    import torch
+
     med = statistics.median(times)
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"s_per_step": med, "tokens_per_s": statistics.median(tokens) / med if tokens else None,
             "generation_share": statistics.median(shares),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_gpu_mb": gpu}
 
 
 def child(args) -> None:
@@ -246,15 +255,18 @@ def child(args) -> None:
         if args.algo == "full-ft":
             result = full_finetune(args.model, args.steps, args.warmup)
         else:
-            result = (ours if args.toolkit == "alignkit" else trl)(args.algo, args.model, args.steps, args.warmup)
+            result = (ours if args.toolkit == "alignkit" else trl)(args.algo, args.model, args.steps, args.warmup,
+                                                                   args.gpu)
     print("RESULT " + json.dumps(result))
 
 
 def run_child(toolkit: str, algo: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--child", toolkit, "--algo-one", algo, "--model", args.model,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += ["--gpu"] if args.gpu else []
     here = os.path.dirname(os.path.abspath(__file__))  # the reward function is rl_step:count_good
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env |= {} if args.gpu else {"CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
@@ -271,6 +283,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gpu", action="store_true", help="run both toolkits on the GPU (bf16 autocast)")
     p.add_argument("--memory", action="store_true", help="LoRA PPO peak RSS against one model's full fine-tuning")
     p.add_argument("--child", choices=["alignkit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--algo-one", dest="algo", help=argparse.SUPPRESS)
@@ -281,8 +294,8 @@ def main() -> None:
     if args.memory:
         return memory(args)
     has_trl = importlib.util.find_spec("trl") is not None
-    print("| algo | toolkit | s/step | tokens/s | generation share | peak RSS MB | ours / TRL (s/step) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| algo | toolkit | s/step | tokens/s | generation share | peak RSS MB | peak GPU MB | ours / TRL (s/step) |")
+    print("|---|---|---|---|---|---|---|---|")
     for repeat in range(args.repeats):
         for algo in args.algos:
             kits = ["alignkit"] + (["trl"] if has_trl and algo != "ppo" else [])
@@ -295,8 +308,9 @@ def main() -> None:
                 if k == "alignkit" and res.get("trl"):
                     ratio = f"{v['s_per_step'] / res['trl']['s_per_step']:.2f}"
                 tps = f"{v['tokens_per_s']:.0f}" if v["tokens_per_s"] else "-"
+                gpu_mb = f"{v['peak_gpu_mb']:.0f}" if v["peak_gpu_mb"] else "-"
                 print(f"| {algo} | {k} | {v['s_per_step']:.3f} | {tps} | {v['generation_share']:.0%} | "
-                      f"{v['peak_rss_mb']:.0f} | {ratio} |", flush=True)
+                      f"{v['peak_rss_mb']:.0f} | {gpu_mb} | {ratio} |", flush=True)
 
 
 def memory(args) -> None:

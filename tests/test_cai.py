@@ -205,10 +205,11 @@ def test_reward_model_data_path_passes_soft_labels(tmp_path, tiny_llama_dir):
     assert batch["label"].tolist() == pytest.approx([0.7, 0.55])
     torch.manual_seed(0)
     model = load_reward_model(ModelConfig(path=tiny_llama_dir), encoder.pad_id).eval()
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     with torch.no_grad():
         loss, _ = algorithm.loss(model, batch, 2.0)
         r = reward_forward(model, batch)
-    d = r[batch["winners"]] - r[batch["losers"]]
+    d = (r[batch["winners"]] - r[batch["losers"]]).cpu()
     y = torch.tensor([0.7, 0.55])
     assert float(loss) == pytest.approx(float((-(y * F.logsigmoid(d) + (1 - y) * F.logsigmoid(-d))).mean()), rel=1e-5)
 

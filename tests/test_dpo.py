@@ -121,12 +121,15 @@ def test_cached_reference_equals_live(tmp_path, lora):
     algorithm = _spec_algorithm("dpo", tok, live)
     cache_reference(policy, _spec_algorithm("dpo", tok, Reference()), {"train": cached_rows}, tmp_path / "ref.pt",
                     "tiny", 4, "cpu")
-    engine = Engine(TrainConfig(batch_size=8, micro_batch_size=8, lr=1e-2, max_steps=1, report_to=[]), tmp_path / "r")
+    # float32 training: the cache above is float32, and the live reference runs in the training's precision
+    engine = Engine(TrainConfig(batch_size=8, micro_batch_size=8, lr=1e-2, max_steps=1, report_to=[], precision="fp32"),
+                    tmp_path / "r")
     policy, _ = engine.fit(policy, algorithm, rows)
     policy.eval()
     with torch.no_grad():
-        loss_live, m_live = algorithm.loss(policy, algorithm.prepare(rows), 8)
-        loss_cached, m_cached = algorithm.loss(policy, algorithm.prepare(cached_rows), 8)
+        live, cached = ({k: v.to(policy.device) for k, v in algorithm.prepare(r).items()} for r in (rows, cached_rows))
+        loss_live, m_live = algorithm.loss(policy, live, 8)
+        loss_cached, m_cached = algorithm.loss(policy, cached, 8)
     assert abs(m_live["rewards/margin"].item()) > 1e-4  # the step moved the policy off the reference
     assert loss_cached.item() == pytest.approx(loss_live.item(), abs=1e-5)
     # a second run with the same data and reference reads the cache instead of recomputing it
@@ -141,10 +144,12 @@ def test_accumulation_matches_one_batch(tmp_path):
                     "t", 8, "cpu")
     grads = []
     for micro in (2, 8):
+        engine = Engine(TrainConfig(batch_size=8, micro_batch_size=micro, report_to=[], precision="fp32"),
+                        tmp_path / f"a{micro}")
         model = tiny_llama(seed=3).train()
         with torch.no_grad():
             model.lm_head.weight.add_(0.01 * torch.randn_like(model.lm_head.weight))  # policy != reference
-        engine = Engine(TrainConfig(batch_size=8, micro_batch_size=micro, report_to=[]), tmp_path / f"a{micro}")
+        model.to(engine.accelerator.device)
         engine.accumulate(model, _spec_algorithm("ipo", tok, Reference()), rows)
         grads.append(model.lm_head.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-5)

@@ -50,8 +50,9 @@ def test_accumulation_matches_one_batch(tmp_path):
     assert len({len(r["input_ids"]) for r in rows}) > 1, "rows must differ in length for this test to bite"
     grads, losses = [], []
     for micro in (2, 8):
-        model = tiny_llama(seed=3).train()
-        engine = Engine(TrainConfig(batch_size=8, micro_batch_size=micro, report_to=[]), tmp_path / f"run{micro}")
+        engine = Engine(TrainConfig(batch_size=8, micro_batch_size=micro, report_to=[], precision="fp32"),
+                        tmp_path / f"run{micro}")
+        model = tiny_llama(seed=3).train().to(engine.accelerator.device)
         assert engine.accumulation == 8 // micro
         loss, _ = engine.accumulate(model, SFT(tok.pad_token_id), rows)
         losses.append(loss.item())
@@ -59,7 +60,7 @@ def test_accumulation_matches_one_batch(tmp_path):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
-    # A per-micro-batch mean (the common bug) would differ: check the test can tell.
+    # A per-micro-batch mean (the common bug) would differ: check the test can tell (on the CPU).
     model = tiny_llama(seed=3).train()
     naive = sum(sft_loss(model(**SFT(tok.pad_token_id).prepare(rows[i : i + 2])).logits,
                          SFT(tok.pad_token_id).prepare(rows[i : i + 2])["labels"])[0].item() for i in range(0, 8, 2)) / 4
@@ -73,9 +74,9 @@ def _sft_cmd(model_dir, sft_files, out, *extra):
                   "data.max_length=64", *extra]
 
 
-def _run(cmd, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, **kw)
+def _run(cmd, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
 def _weights(run_dir):
@@ -115,12 +116,14 @@ def _free_port():
 
 
 def test_ddp_two_processes_match_single(tiny_llama_dir, sft_files, tmp_path):
+    """Two processes (gloo, on the CPU also where one GPU is present) train like one."""
     args = ["train.max_steps=4", "train.micro_batch_size=4"]
-    single = _run(_sft_cmd(tiny_llama_dir, sft_files, tmp_path / "single", *args))
+    cpu = {"CUDA_VISIBLE_DEVICES": ""}
+    single = _run(_sft_cmd(tiny_llama_dir, sft_files, tmp_path / "single", *args), cpu)
     assert single.returncode == 0, single.stderr
     ddp_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                "-m", "alignkit.cli"] + _sft_cmd(tiny_llama_dir, sft_files, tmp_path / "ddp", *args)[len(CLI):]
-    ddp = _run(ddp_cmd)
+    ddp = _run(ddp_cmd, cpu)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
@@ -146,7 +149,7 @@ def test_lora_sft_saves_adapter_and_merged_model(tiny_llama_dir, sft_files, tmp_
 
     out = tmp_path / "lora"
     res = _run(_sft_cmd(tiny_llama_dir, sft_files, out, "train.max_steps=4", "lora.r=8", "train.lr=1e-2",
-                        "train.report_to=[tensorboard]"))
+                        "train.report_to=[tensorboard]", "model.dtype=float32"))  # the merge, exactly
     assert res.returncode == 0, res.stderr
     assert list(out.rglob("events.out.tfevents.*")), "TensorBoard events should be written"
     merged = AutoModelForCausalLM.from_pretrained(out / "model")

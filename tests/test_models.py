@@ -15,18 +15,18 @@ from alignkit.models.tiny import save_tiny, tiny_tokenizer
 ])
 def test_lora_defaults_and_reference_is_disabled_adapter(request, fixture, expected):
     path = request.getfixturevalue(fixture)
-    model = load_causal_lm(ModelConfig(path=path), LoraConfig(r=4))
+    model = load_causal_lm(ModelConfig(path=path, dtype="float32"), LoraConfig(r=4))
     assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n} == expected
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
     with torch.no_grad():
         for name, p in model.named_parameters():  # make the adapter non-zero
             if "lora_B" in name:
                 p.normal_()
-        ids = torch.tensor([[3, 4, 5]])
+        ids = torch.tensor([[3, 4, 5]], device=model.device)
         policy = model(input_ids=ids).logits
         with model.disable_adapter():
             reference = model(input_ids=ids).logits
-        base = load_causal_lm(ModelConfig(path=path))(input_ids=ids).logits
+        base = load_causal_lm(ModelConfig(path=path, dtype="float32"))(input_ids=ids).logits
     assert torch.allclose(reference, base, atol=1e-5)
     assert not torch.allclose(policy, base, atol=1e-3)
 
@@ -61,7 +61,7 @@ def test_save_full_model_round_trip(tiny_gpt2_dir, tmp_path):
     model = load_causal_lm(ModelConfig(path=tiny_gpt2_dir))
     out = save_model(model, load_tokenizer(tiny_gpt2_dir), tmp_path / "run")
     again = load_causal_lm(ModelConfig(path=str(out)))
-    ids = torch.tensor([[1, 2, 3]])
+    ids = torch.tensor([[1, 2, 3]], device=model.device)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
     assert not (tmp_path / "run" / "adapter").exists()

@@ -272,11 +272,9 @@ def run_dpo(cfg: DPOConfig) -> Path:
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows, eval_rows = _load_rows(cfg, tokenizer)
-    model = load_causal_lm(cfg.model, cfg.lora).to(acc.device)
+    model = load_causal_lm(cfg.model, cfg.lora)
     disable_dropout(model)
     reference = _reference(cfg, model)
-    if reference.model is not None:
-        reference.model.to(acc.device)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

@@ -97,13 +97,15 @@ class OnlineAlgorithm:
         return model
 
     def collect(self, model, prompts: list[dict], value_fn=None) -> Rollout:
+        from alignkit.engine.loop import resolve_precision
         from alignkit.models.load import unwrap
 
         c = self.cfg
         return collect_rollout(unwrap(self.policy_of(unwrap(model))), self.tokenizer, prompts, self.reward,
                                c.sampling, group_size=c.online.group_size, reference=self.reference,
                                need_ref=c.kl.beta > 0, value_fn=value_fn, no_eos_penalty=c.reward.no_eos_penalty,
-                               chat_template=c.online.chat_template, monitor=self.monitor)
+                               chat_template=c.online.chat_template, monitor=self.monitor,
+                               rescore=resolve_precision(c.train.precision) != "no")
 
     def rollout_metrics(self, r: Rollout) -> dict:
         """Score mean/std, length, sampled entropy -mean log pi(a_t), and (with a reference) the

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from alignkit.models.forward import keep_logits, prefill_positions, prefix_forward, unique_prompts
-from alignkit.models.load import is_peft, unwrap
+from alignkit.models.load import is_peft, on_device_of, unwrap
 from alignkit.ops.logprobs import token_logps
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Reference:
     def run(self, policy, score: Callable):
         """`score(model)` with the reference model in place of the policy."""
         if self.model is not None:
-            return score(self.model)
+            return score(on_device_of(self.model, policy))
         context = unwrap(policy).disable_adapter() if is_peft(policy) else contextlib.nullcontext()
         with context:
             return score(unwrap(policy))

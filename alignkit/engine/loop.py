@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
@@ -47,6 +48,7 @@ class Engine:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         trackers = resolve_trackers(cfg.report_to)
+        AcceleratorState._reset_state()  # each engine its own precision (accelerate keeps one per process)
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(cfg.precision), log_with=trackers or None, project_dir=self.run_dir
         )

@@ -125,7 +125,8 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
     logger = RunLogger(acc, engine.run_dir, online.steps, start, desc)
     for step in range(start + 1, online.steps + 1):
         prompts = prompt_batch(prompt_rows, step, online.prompts_per_step, cfg.seed)
-        rows, metrics = algorithm.rollout(model, prompts)
+        with acc.autocast():  # sampling, reference and value forwards in the training's precision
+            rows, metrics = algorithm.rollout(model, prompts)
         if rows:
             metrics.update(update(engine, model, algorithm, rows, online.epochs, optimizer, scheduler, step))
         metrics.update(algorithm.after_update(metrics))

@@ -108,12 +108,12 @@ def reward_is_set(cfg: RewardConfig) -> bool:
                if f.name not in ("weights", "no_eos_penalty"))
 
 
-def as_reward(source, device: str | None = None):
+def as_reward(source):
     """A reward source from a source object, a RewardConfig, or a spec (RM dir, 'vader', 'module:function')."""
     if isinstance(source, RewardConfig):
         from alignkit.rewards.base import build_reward
 
-        return build_reward(source, device)
+        return build_reward(source)
     if isinstance(source, str):
         from alignkit.algorithms.best_of_n import load_reward
 
@@ -134,12 +134,11 @@ def run_eval(cfg: EvalConfig) -> str:
 
     tokenizer = load_tokenizer(cfg.policy)  # a wrong path fails before any other work
     rows = prompt_rows(cfg.prompts, cfg.max_prompts)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    rewards = {name: as_reward(c, device) for name, c in (("gold", cfg.gold), ("proxy", cfg.proxy)) if reward_is_set(c)}
+    rewards = {name: as_reward(c) for name, c in (("gold", cfg.gold), ("proxy", cfg.proxy)) if reward_is_set(c)}
     judge = as_reward(cfg.judge) if cfg.judge else None
-    policy = _load(cfg.policy, cfg.dtype).to(device)
-    reference = _load(cfg.reference, cfg.dtype).to(device) if cfg.reference else None
-    base = _load(cfg.base, cfg.dtype).to(device) if cfg.base and cfg.base != cfg.reference else None
+    policy = _load(cfg.policy, cfg.dtype)
+    reference = _load(cfg.reference, cfg.dtype) if cfg.reference else None
+    base = _load(cfg.base, cfg.dtype) if cfg.base and cfg.base != cfg.reference else None
     bertscore = None
     if cfg.bertscore_model and any(cfg.references_field in r for r in rows):
         from alignkit.eval.bertscore import BERTScorer
@@ -231,7 +230,7 @@ def evaluate_policy(policy, prompts, *, tokenizer=None, reference=None, base=Non
         from alignkit.models.load import load_tokenizer
 
         tokenizer = tokenizer or load_tokenizer(policy)
-        policy = _load(policy, "auto").to("cuda" if torch.cuda.is_available() else "cpu")
+        policy = _load(policy, "auto")
     if tokenizer is None:
         raise ValueError("pass the tokenizer with a loaded policy")
     rows = prompt_rows(prompts, None) if isinstance(prompts, str) else list(prompts)

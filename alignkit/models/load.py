@@ -37,7 +37,8 @@ LORA_TARGETS = {
 class ModelConfig:
     path: str = option("smollm2", "HF model directory, hub name, or 'smollm2' (the embedded SmolLM2-135M-Instruct)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "Weight dtype: auto = bfloat16 on a GPU that supports it, float32 on a CPU"
+        "auto", "Weight dtype: auto = bfloat16 on a GPU that supports it (float32 for weights trained in full), "
+        "float32 on a CPU"
     )
 
 
@@ -53,11 +54,25 @@ class LoraConfig:
             raise UserError(f"lora.r must be >= 0, got {self.r}")
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` is bfloat16 on a GPU with native bf16, float32 everywhere else (CPU bf16 is slow here)."""
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
+def default_device() -> torch.device:
+    """This process's accelerator, where every stage loads its models: accelerate's `PartialState` (the GPU of
+    this rank under torchrun, else the one GPU, MPS, or the CPU)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def resolve_dtype(name: str, trained: bool = False) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU with native bf16, float32 on a CPU (bf16 is emulated and slow there).
+
+    Weights that are `trained` in full stay float32 on any device: AdamW steps on bf16 weights round away
+    every update below bf16's resolution (about 0.4% of the weight), so full fine-tuning keeps float32
+    master weights and computes under bf16 autocast (`train.precision`). A LoRA base is frozen: bf16.
+    """
+    if name != "auto":
+        return getattr(torch, name)
+    native_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native_bf16 and not trained else torch.float32
 
 
 def resolve_path(path: str | os.PathLike) -> str:
@@ -80,15 +95,18 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def load_causal_lm(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: bool = True):
-    """Causal LM from `cfg.path`, with a LoRA adapter when `lora.r > 0` (only the adapter trains)."""
+    """Causal LM from `cfg.path` on `default_device()`, with a LoRA adapter when `lora.r > 0` (only the
+    adapter trains)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_path(cfg.path)
+    lora_r = lora.r if lora is not None else 0
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.dtype, trainable and not lora_r))
     except OSError as e:
         raise UserError(f"could not load a causal LM from '{cfg.path}': {str(e).splitlines()[0]}") from None
-    if lora is not None and lora.r > 0:
+    model.to(default_device())
+    if lora_r:
         model = add_lora(model, lora)
     model.train(trainable)
     if not trainable:
@@ -119,6 +137,12 @@ def unwrap(model):
     while hasattr(model, "module"):
         model = model.module
     return getattr(model, "_orig_mod", model)
+
+
+def on_device_of(model, like):
+    """`model` on the device of `like`'s weights: a frozen reference follows its policy (moved once)."""
+    device = next(unwrap(like).parameters()).device
+    return model if next(model.parameters()).device == device else model.to(device)
 
 
 def base_model(model):

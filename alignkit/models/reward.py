@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import UserError
-from alignkit.models.load import LORA_TARGETS, LoraConfig, ModelConfig, resolve_dtype, resolve_path
+from alignkit.models.load import LORA_TARGETS, LoraConfig, ModelConfig, default_device, resolve_dtype, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def reward_head(model) -> torch.nn.Linear:
 
 def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConfig | None = None,
                       freeze_layers: int = 0):
-    """A one-output `AutoModelForSequenceClassification` from a causal LM, an encoder or a reward model.
+    """A one-output `AutoModelForSequenceClassification` from a causal LM, an encoder or a reward model, on
+    `default_device()`.
 
     A head that the checkpoint lacks (any backbone that is not already a sequence classifier) is
     initialised N(0, 1 / sqrt(d + 1)); an existing reward model keeps its head and continues.
@@ -74,7 +75,8 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConf
     if pad_token_id is not None:
         config.pad_token_id = pad_token_id
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(cfg.dtype))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=resolve_dtype(cfg.dtype, trained=not (lora is not None and lora.r > 0)))
     except ValueError as e:
         raise UserError(f"'{cfg.path}' has no sequence-classification class in transformers: "
                         f"{str(e).splitlines()[0]}") from None
@@ -83,6 +85,7 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConf
         torch.nn.init.normal_(head.weight, std=1.0 / (head.in_features + 1) ** 0.5)
         if head.bias is not None:
             torch.nn.init.zeros_(head.bias)
+    model.to(default_device())
     if lora is not None and lora.r > 0:
         model = add_reward_lora(model, lora)
     if freeze_layers:

@@ -33,7 +33,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         from alignkit.data.reward_text import RewardEncoder
-        from alignkit.models.load import load_tokenizer, resolve_dtype, resolve_path
+        from alignkit.models.load import default_device, load_tokenizer, resolve_dtype, resolve_path
         from alignkit.models.reward import load_metadata
 
         path = resolve_path(str(path))
@@ -42,7 +42,7 @@ class RewardModel:
         tokenizer.padding_side = "right"
         max_length = self.meta.get("max_length") or min(tokenizer.model_max_length, DEFAULT_MAX_LENGTH)
         self.encoder = RewardEncoder(tokenizer, self.meta.get("chat_template", True), max_length)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else default_device()
         try:
             model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype("auto"))
         except (OSError, ValueError) as e:

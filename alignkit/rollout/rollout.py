@@ -24,7 +24,7 @@ import torch
 from alignkit.data.preference_tokens import prompt_ids
 from alignkit.data.preferences import prompt_of
 from alignkit.models.forward import prefix_forward, unique_prompts
-from alignkit.models.load import is_peft, unwrap
+from alignkit.models.load import is_peft, on_device_of, unwrap
 from alignkit.ops.logprobs import token_logps
 from alignkit.rollout.generate import SamplingConfig, generate
 
@@ -88,7 +88,7 @@ def response_logps(model, batch: dict, temperature: float = 1.0) -> torch.Tensor
 def reference_context(policy, reference):
     """The reference forward: a separate frozen model, else the policy with its LoRA adapter disabled."""
     if reference is not None:
-        return reference, contextlib.nullcontext()
+        return on_device_of(reference, policy), contextlib.nullcontext()
     if not is_peft(policy):
         raise ValueError("a policy without a LoRA adapter needs a separate frozen reference model")
     return unwrap(policy), unwrap(policy).disable_adapter()
@@ -111,10 +111,13 @@ def _ended(gen, eos_ids: set[int]) -> torch.Tensor:
 def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: SamplingConfig, *, group_size: int = 1,
                     reference=None, need_ref: bool = True, value_fn: Callable | None = None,
                     no_eos_penalty: float | None = None, chat_template: bool = True,
-                    generator: torch.Generator | None = None, monitor=None) -> Rollout:
+                    generator: torch.Generator | None = None, monitor=None, rescore: bool = False) -> Rollout:
     """Sample `group_size` responses to each prompt row and score them: a Rollout of len(rows) * group_size.
 
     `monitor`: a second reward source (e.g. the gold judge) whose scores go to `Rollout.gold`, logged only.
+    `rescore`: take `old_logps` from a teacher-forced forward (the training forward's kernels) instead of
+    the sampler's. Under bf16 the sampler's cached decoding and the full forward differ by about 1e-2 in
+    log-prob, which PPO's ratio would read as a policy change; in float32 they agree to about 1e-5.
     """
     from alignkit.rewards.base import length_penalty
 
@@ -137,6 +140,8 @@ def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: Sampl
         out.gold = monitor.score(prompts, texts, **extra).float().cpu()
     batch = {"prompt_ids": ids, "prompt_mask": mask, "response_ids": gen.response_ids,
              "response_mask": gen.response_mask}
+    if rescore:
+        out.old_logps = response_logps(policy, batch, sampling.temperature)
     if need_ref:
         model, context = reference_context(policy, reference)
         with context:

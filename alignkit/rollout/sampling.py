@@ -93,9 +93,11 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -
     """One draw per row from the unnormalised non-negative weights `probs` (B, N) -> indices (B,).
 
     With `right=True`, `searchsorted` returns the first index whose cumulative mass exceeds the
-    uniform draw, so an entry of weight 0 (filtered out) can never be chosen.
+    uniform draw, so an entry of weight 0 (filtered out) can never be chosen. The draws come from
+    `generator`'s device (a CPU generator gives the same draws whichever device samples).
     """
     cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (B, N)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    device = generator.device if generator is not None else probs.device
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=device, generator=generator).to(probs.device)
     index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
     return index.squeeze(-1).clamp_max(probs.shape[-1] - 1)
