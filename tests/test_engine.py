@@ -67,6 +67,14 @@ def test_accumulation_matches_one_batch(tmp_path):
     assert abs(naive - losses[1]) > 1e-4
 
 
+def test_engines_of_different_precision_in_one_process(tmp_path):
+    """accelerate keeps one precision per process; each Engine sets its own (a pipeline runs several)."""
+    first = Engine(TrainConfig(report_to=[], precision="bf16"), tmp_path / "a")
+    assert first.accelerator.mixed_precision == "bf16"
+    second = Engine(TrainConfig(report_to=[], precision="fp32"), tmp_path / "b")
+    assert second.accelerator.mixed_precision == "no"
+
+
 def _sft_cmd(model_dir, sft_files, out, *extra):
     train, evalf = sft_files
     return CLI + ["sft", f"model.path={model_dir}", f"data.train={train}", f"data.eval={evalf}",

@@ -76,3 +76,10 @@ def test_rollout_forward_shares_group_prompts():
     order = [5, 0, 7, 2, 1, 6, 3, 4]
     batch = stack_rows([r.rows()[i] for i in order])
     assert (response_logps(policy, batch) - r.old_logps[order]).abs().max() < 1e-4
+    # rescore (what bf16 training asks for): old_logps are exactly the teacher-forced forward's
+    torch.manual_seed(0)
+    again = collect_rollout(policy, tok, rows, reward, SamplingConfig(max_new_tokens=6), group_size=4,
+                            reference=tiny_llama(), chat_template=False, rescore=True)
+    assert torch.equal(again.response_ids, r.response_ids)
+    assert torch.equal(again.old_logps, response_logps(policy, stack_rows(again.rows())))
+    assert not torch.equal(again.old_logps, r.old_logps)  # the sampler's differ, if only by rounding

@@ -31,6 +31,22 @@ def test_lora_defaults_and_reference_is_disabled_adapter(request, fixture, expec
     assert not torch.allclose(policy, base, atol=1e-3)
 
 
+def test_auto_dtype_keeps_fully_trained_weights_float32(tiny_llama_dir, monkeypatch):
+    """On a bf16 GPU, `auto` is bf16 for frozen weights (and a LoRA base), float32 for weights trained in full."""
+    from alignkit.models.load import resolve_dtype
+
+    assert resolve_dtype("auto") == resolve_dtype("auto", trained=True) == torch.float32  # no bf16 GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr("alignkit.models.load.default_device", lambda: torch.device("cpu"))
+    assert resolve_dtype("auto") == torch.bfloat16 and resolve_dtype("auto", trained=True) == torch.float32
+    assert resolve_dtype("float16", trained=True) == torch.float16  # an explicit choice is kept
+    assert load_causal_lm(ModelConfig(path=tiny_llama_dir)).dtype == torch.float32
+    assert load_causal_lm(ModelConfig(path=tiny_llama_dir), trainable=False).dtype == torch.bfloat16
+    lora = load_causal_lm(ModelConfig(path=tiny_llama_dir), LoraConfig(r=2))
+    assert {p.dtype for n, p in lora.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+
+
 def test_lora_default_targets_qwen2():
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2)
