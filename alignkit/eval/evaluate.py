@@ -225,6 +225,7 @@ def evaluate_policy(policy, prompts, *, tokenizer=None, reference=None, base=Non
     from alignkit.data.preferences import prompt_of
     from alignkit.algorithms.policy_kl import pad_id
     from alignkit.eval.policy import perplexity, score_sequences
+    from alignkit.models.load import on_device_of
 
     if isinstance(policy, str):
         from alignkit.models.load import load_tokenizer
@@ -235,9 +236,9 @@ def evaluate_policy(policy, prompts, *, tokenizer=None, reference=None, base=Non
         raise ValueError("pass the tokenizer with a loaded policy")
     rows = prompt_rows(prompts, None) if isinstance(prompts, str) else list(prompts)
     if isinstance(reference, str):
-        reference = _load(reference, "auto").to(next(policy.parameters()).device)
+        reference = _load(reference, "auto")
     if reference is not None and not isinstance(reference, Reference):
-        reference = Reference(reference)
+        reference = Reference(reference)  # it runs on the policy's device
     sampling = sampling or EvalSampling()
     texts = [prompt_of(r) for r in rows]
     seqs = generate_seqs(policy, tokenizer, texts, sampling, batch_size, chat_template)
@@ -253,7 +254,7 @@ def evaluate_policy(policy, prompts, *, tokenizer=None, reference=None, base=Non
         base_logps = _reference_metrics(policy, reference, tokenizer, texts, seqs, scores, samples, metrics,
                                         sampling, batch_size, chat_template)
     if base is not None:
-        base = _load(base, "auto").to(next(policy.parameters()).device) if isinstance(base, str) else base
+        base = on_device_of(_load(base, "auto") if isinstance(base, str) else base, policy)
         base_logps = score_sequences(base, seqs, pad_id(tokenizer), batch_size)["logps"]
     metrics["perplexity"] = perplexity(base_logps, scores["tokens"])
     calibration = _reward_metrics({n: as_reward(s) for n, s in (rewards or {}).items()}, rows, samples, metrics)
