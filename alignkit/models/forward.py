@@ -20,8 +20,14 @@ import functools
 import inspect
 
 import torch
+import transformers
+from packaging.version import Version
 
 from alignkit.models.load import base_model
+
+# transformers 5.24 renamed the forward argument and output field `past_key_values` to `cache` (the old
+# name still works there, with a deprecation warning).
+CACHE = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 
 def prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -38,6 +44,11 @@ def keep_logits(model, n: int) -> dict:
     """Forward kwargs asking for the logits of the last n positions only (when the model supports it):
     the output layer is a large share of a small model's compute (SmolLM2: 28M of 135M parameters)."""
     return {"logits_to_keep": n} if _accepts_logits_to_keep(type(base_model(model))) else {}
+
+
+def with_cache(cache) -> dict:
+    """Forward kwargs that read and extend the key/value `cache`."""
+    return {CACHE: cache, "use_cache": True}
 
 
 def unique_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +73,12 @@ def prefix_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, i
     logits = [out.logits[:, -1:][index]]
     states = [out.hidden_states[-1][:, -1:][index]] if hidden else None
     if ids.shape[1] > 1:
-        cache = out.past_key_values
+        cache = getattr(out, CACHE)
         cache.batch_select_indices(index)  # each prompt's keys and values once per continuation
         full = torch.cat([prompt_mask[index], mask[:, :-1].long()], dim=1)  # (N, P + A - 1)
         positions = prefill_positions(full)[:, prompt_ids.shape[1] :]
-        rest = model(input_ids=ids[:, :-1], attention_mask=full, position_ids=positions, past_key_values=cache,
-                     use_cache=True, output_hidden_states=hidden)
+        rest = model(input_ids=ids[:, :-1], attention_mask=full, position_ids=positions, output_hidden_states=hidden,
+                     **with_cache(cache))
         logits.append(rest.logits)
         if hidden:
             states.append(rest.hidden_states[-1])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from alignkit.models.forward import with_cache
 from alignkit.rollout.cache import make_cache
 
 NEG = -1.0e9
@@ -35,7 +36,7 @@ def _first_forward(model, input_ids, attention_mask, nb, cache, extra):
 
     mask = attention_mask.long()
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=prefill_positions(mask),
-                past_key_values=cache, use_cache=True, **extra)
+                **with_cache(cache), **extra)
     cache.batch_repeat_interleave(nb)
     logits = out.logits[:, -1, :].float().repeat_interleave(nb, dim=0)  # (B*nb, V)
     return logits, mask.repeat_interleave(nb, dim=0), mask.sum(-1, keepdim=True).repeat_interleave(nb, dim=0)
@@ -110,7 +111,7 @@ def beam_search(model, input_ids, attention_mask, cfg, eos, pad_id: int, extra: 
         cache.reorder_cache(beam_idx)
         mask = torch.cat([mask, mask.new_ones(b * nb, 1)], dim=-1)
         out = model(input_ids=run_tokens[:, :, step].reshape(-1, 1), attention_mask=mask, position_ids=position,
-                    past_key_values=cache, use_cache=True, **extra)
+                    **with_cache(cache), **extra)
         logits = out.logits[:, -1, :].float()
         position = position + 1
     lengths = best.lengths[:, 0]

@@ -32,7 +32,7 @@ import torch
 
 from alignkit.config import option
 from alignkit.errors import UserError
-from alignkit.models.forward import keep_logits, prefill_positions, unique_prompts
+from alignkit.models.forward import keep_logits, prefill_positions, unique_prompts, with_cache
 from alignkit.models.load import base_model
 from alignkit.rollout.cache import make_cache
 from alignkit.rollout.linear import fast_linears
@@ -172,7 +172,7 @@ def _decode(model, input_ids, attention_mask, max_new: int, choose: TokenChooser
     shared = len(first) < b
     prefill = first if shared else torch.arange(b, device=device)
     logits = model(input_ids=input_ids[prefill], attention_mask=mask[prefill],
-                   position_ids=prefill_positions(mask[prefill]), past_key_values=cache, use_cache=True,
+                   position_ids=prefill_positions(mask[prefill]), **with_cache(cache),
                    **extra).logits[:, -1, :]
     if shared:
         cache.batch_select_indices(index)
@@ -198,7 +198,7 @@ def _decode(model, input_ids, attention_mask, max_new: int, choose: TokenChooser
             rows, mask, position, tokens, done = rows[keep], mask[keep], position[keep], tokens[keep], done[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         logits = model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=position,
-                       past_key_values=cache, use_cache=True, **extra).logits[:, -1, :]
+                       **with_cache(cache), **extra).logits[:, -1, :]
         position = position + 1
     width = int(lengths.max())
     response_mask = torch.arange(max_new, device=device) < lengths.unsqueeze(-1)
