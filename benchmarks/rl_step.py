@@ -115,8 +115,8 @@ def ours(algo: str, model_name: str, steps: int, warmup: int, gpu: bool) -> dict
         "reward.function=rl_step:count_good", f"kl.beta={BETA}", f"sampling.max_new_tokens={NEW_TOKENS}",
         f"online.prompts_per_step={8 // group}", f"online.group_size={group}", "online.epochs=1",
         "online.chat_template=false", f"online.steps={steps + warmup}", "train.batch_size=8",
-        "train.micro_batch_size=8", f"train.lr={LR}", "train.report_to=[]", f"train.precision={'bf16' if gpu else 'fp32'}",
-        f"lora.r={r}"])
+        "train.micro_batch_size=8", f"train.lr={LR}", "train.report_to=[]", f"lora.r={r}",
+        f"train.precision={'bf16' if gpu else 'fp32'}"])
     if algo == "ppo":  # the critic is a copy of the reward model's trunk (+ LoRA), a value head on top
         critic = copy.deepcopy(rm).base_model
         critic = add_lora(critic, LoraConfig(r=r)) if r else critic
@@ -292,6 +292,8 @@ def main() -> None:
         args.toolkit = args.child
         return child(args)
     if args.memory:
+        if args.gpu:
+            p.error("--memory compares host RSS; run it without --gpu")
         return memory(args)
     has_trl = importlib.util.find_spec("trl") is not None
     print("| algo | toolkit | s/step | tokens/s | generation share | peak RSS MB | peak GPU MB | ours / TRL (s/step) |")

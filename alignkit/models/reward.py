@@ -66,6 +66,7 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConf
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_path(cfg.path)
+    lora_r = lora.r if lora is not None else 0
     try:
         config = AutoConfig.from_pretrained(path, num_labels=1)
     except OSError as e:
@@ -76,7 +77,7 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConf
         config.pad_token_id = pad_token_id
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=resolve_dtype(cfg.dtype, trained=not (lora is not None and lora.r > 0)))
+            path, config=config, dtype=resolve_dtype(cfg.dtype, trained=not lora_r))
     except ValueError as e:
         raise UserError(f"'{cfg.path}' has no sequence-classification class in transformers: "
                         f"{str(e).splitlines()[0]}") from None
@@ -86,7 +87,7 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConf
         if head.bias is not None:
             torch.nn.init.zeros_(head.bias)
     model.to(default_device())
-    if lora is not None and lora.r > 0:
+    if lora_r:
         model = add_reward_lora(model, lora)
     if freeze_layers:
         freeze_bottom(model, freeze_layers)
