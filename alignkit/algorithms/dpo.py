@@ -282,9 +282,10 @@ def run_dpo(cfg: DPOConfig) -> Path:
         cfg.spec, cfg.hyper, tokenizer.pad_token_id, reference)
     if cfg.spec.reference and cfg.reference == "cached":
         splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
-        reference_id = f"{cfg.reference_model or cfg.model.path}|{cfg.model.dtype}"
-        cache_reference(model, algorithm, splits, out / "reference_logps.pt", reference_id,
-                        cfg.train.micro_batch_size, acc.device, acc.is_main_process)
+        reference_id = f"{cfg.reference_model or cfg.model.path}|{cfg.model.dtype}|{acc.mixed_precision}"
+        with acc.autocast():  # in the training's precision, as a live reference would be
+            cache_reference(model, algorithm, splits, out / "reference_logps.pt", reference_id,
+                            cfg.train.micro_batch_size, acc.device, acc.is_main_process)
     model, metrics = engine.fit(model, algorithm, train_rows, eval_rows, to_dict(cfg), desc=cfg.loss)
     if metrics:
         log.info("held-out loss %.4f, preference accuracy %.3f", metrics["eval/loss"],
