@@ -41,8 +41,8 @@ def prompt_file(tmp_path_factory):
     return str(path)
 
 
-def run(stage_cls, run_fn, model_dir, prompts, out, *overrides):
-    torch.set_num_threads(1)
+def run(stage_cls, run_fn, model_dir, prompts, out, *overrides, threads=1):
+    torch.set_num_threads(threads)
     cfg = load_config(stage_cls, None, [
         f"model.path={model_dir}", f"prompts={prompts}", f"output_dir={out}",
         "reward.function=test_rl_learning:count_target",
@@ -109,6 +109,18 @@ def test_resume_equals_uninterrupted(tiny_llama_dir, prompt_file, tmp_path):
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(whole[2:], resumed[2:]):
         assert a["score_mean"] == b["score_mean"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_same_seed_same_run_on_two_threads(tiny_llama_dir, prompt_file, tmp_path):
+    """A seed fixes the run, also on 2 threads: the backward of indexing (GRPO's shared prompt cache, one
+    row per group member) sums rows in thread order unless torch's deterministic algorithms are on."""
+    from safetensors.torch import load_file
+
+    runs = [run(GRPOConfig, run_grpo, tiny_llama_dir, prompt_file, tmp_path / name, "online.steps=8",
+                "train.lr=1e-2", threads=2) for name in ("a", "b")]
+    assert [(m["score_mean"], m["loss"]) for m in runs[0]] == [(m["score_mean"], m["loss"]) for m in runs[1]]
+    a, b = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_collect_rollout_contract():

@@ -59,7 +59,10 @@ class Engine:
                 f"({cfg.micro_batch_size} x {world})"
             )
         self.accumulation = cfg.batch_size // (cfg.micro_batch_size * world)
-        set_seed(cfg.seed)
+        # On a CPU, deterministic algorithms make a seed give the same run (at no cost measured here): the
+        # backward of indexing (e.g. a group's shared prompt cache) otherwise sums rows in thread order.
+        # On a GPU torch's default stays (determinism there costs speed and needs cuBLAS settings).
+        set_seed(cfg.seed, deterministic=self.accelerator.device.type == "cpu")
 
     # ---- one optimiser step -------------------------------------------------------------------
     def _my_rows(self, rows: list) -> list:
