@@ -82,3 +82,24 @@ def test_unknown_key_and_missing_model_exit_2(tmp_path):
     missing = tmp_path / "no-such-model"
     res = _cli("generate", f"model.path={missing}", "prompts=demo")
     assert res.returncode == 2 and str(missing) in res.stderr and "Traceback" not in res.stderr
+
+
+MISSING = "alignkit-tests/no-such-model"
+
+
+@pytest.mark.parametrize("args", [
+    ["grpo", f"model.path={MISSING}", "output_dir=OUT"],
+    ["rm", f"model.path={MISSING}", "output_dir=OUT"],
+    ["score", f"model={MISSING}", "input=OUT.jsonl"],
+    ["ppo", "model.path=TINY", "reward.function=builtins:len", "ppo.critic=separate", f"ppo.critic_model={MISSING}",
+     "output_dir=OUT"],
+])
+def test_hub_name_not_available_offline_exit_2(args, tiny_llama_dir, tmp_path, monkeypatch):
+    """A name that is no local directory is a hub name; offline and not cached, that is a one-line error (after
+    any progress bars of the models that did load), not a traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "run.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    res = _cli(*(a.replace("TINY", str(tiny_llama_dir)).replace("OUT", str(tmp_path / "run")) for a in args))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"alignkit {args[0]}: error: could not load") and f"'{MISSING}'" in last

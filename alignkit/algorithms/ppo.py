@@ -99,10 +99,10 @@ def make_actor_critic(policy, cfg: PPOConfig):
         return ActorCritic(policy)
     from transformers import AutoModel
 
-    from alignkit.models.load import add_lora, resolve_dtype, resolve_path
+    from alignkit.models.load import add_lora, from_pretrained, resolve_dtype
 
-    critic = AutoModel.from_pretrained(resolve_path(cfg.ppo.critic_model or cfg.model.path),
-                                       dtype=resolve_dtype(cfg.model.dtype))
+    critic = from_pretrained(AutoModel, cfg.ppo.critic_model or cfg.model.path, "the critic's trunk",
+                             dtype=resolve_dtype(cfg.model.dtype))
     critic = add_lora(critic, cfg.lora) if cfg.lora.r > 0 else critic
     disable_dropout(critic)
     return ActorCritic(policy, critic)

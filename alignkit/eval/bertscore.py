@@ -35,11 +35,10 @@ class BERTScorer:
         if isinstance(model, str):
             from transformers import AutoModel, AutoTokenizer
 
-            from alignkit.tasks.embedded import resolve_model
+            from alignkit.models.load import from_pretrained
 
-            path = resolve_model(model)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModel.from_pretrained(path)
+            tokenizer = from_pretrained(AutoTokenizer, model, "a BERTScore tokenizer")
+            model = from_pretrained(AutoModel, model, "a BERTScore encoder")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.layer, self.idf, self.batch_size, self.max_length = layer, idf, batch_size, max_length
         self.inputs = set(inspect.signature(self.model.forward).parameters)  # e.g. no token_type_ids for Llama

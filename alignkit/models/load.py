@@ -81,11 +81,20 @@ def resolve_path(path: str | os.PathLike) -> str:
     return resolve_model(path)
 
 
+def from_pretrained(cls, name: str | os.PathLike, what: str, **kwargs):
+    """`cls.from_pretrained` on `name` (an alias, a directory or a hub name); a model that cannot be found or
+    read is a one-line UserError naming it, not a traceback."""
+    try:
+        return cls.from_pretrained(resolve_path(name), **kwargs)
+    except OSError as e:
+        raise UserError(f"could not load {what} from '{os.fspath(name)}': {str(e).splitlines()[0]}") from None
+
+
 def load_tokenizer(path: str | os.PathLike):
     """Tokenizer with a pad token (eos when it has none) and left padding, for generation."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_path(path))
+    tok = from_pretrained(AutoTokenizer, path, "a tokenizer")
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UserError(f"tokenizer at {path} has neither a pad nor an eos token; add one to its config")
@@ -99,12 +108,9 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: 
     adapter trains)."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_path(cfg.path)
     lora_r = lora.r if lora is not None else 0
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.dtype, trainable and not lora_r))
-    except OSError as e:
-        raise UserError(f"could not load a causal LM from '{cfg.path}': {str(e).splitlines()[0]}") from None
+    model = from_pretrained(AutoModelForCausalLM, cfg.path, "a causal LM",
+                            dtype=resolve_dtype(cfg.dtype, trainable and not lora_r))
     model.to(default_device())
     if lora_r:
         model = add_lora(model, lora)

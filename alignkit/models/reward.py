@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import UserError
-from alignkit.models.load import LORA_TARGETS, LoraConfig, ModelConfig, default_device, resolve_dtype, resolve_path
+from alignkit.models.load import LORA_TARGETS, LoraConfig, ModelConfig, default_device, from_pretrained, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,15 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConf
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    path = resolve_path(cfg.path)
     lora_r = lora.r if lora is not None else 0
-    try:
-        config = AutoConfig.from_pretrained(path, num_labels=1)
-    except OSError as e:
-        raise UserError(f"could not load a model config from '{cfg.path}': {str(e).splitlines()[0]}") from None
+    config = from_pretrained(AutoConfig, cfg.path, "a model config", num_labels=1)
     has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     _without_dropout(config)
     if pad_token_id is not None:
         config.pad_token_id = pad_token_id
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=resolve_dtype(cfg.dtype, trained=not lora_r))
+        model = from_pretrained(AutoModelForSequenceClassification, cfg.path, "a reward-model backbone",
+                                config=config, dtype=resolve_dtype(cfg.dtype, trained=not lora_r))
     except ValueError as e:
         raise UserError(f"'{cfg.path}' has no sequence-classification class in transformers: "
                         f"{str(e).splitlines()[0]}") from None
