@@ -18,6 +18,7 @@ from alignkit.algorithms.sft import SFT
 from alignkit.data.sft import load_sft_dataset
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
+from alignkit.errors import UserError
 from alignkit.losses.sft import sft_loss
 from alignkit.models.tiny import tiny_llama, tiny_tokenizer
 
@@ -73,6 +74,35 @@ def test_engines_of_different_precision_in_one_process(tmp_path):
     assert first.accelerator.mixed_precision == "bf16"
     second = Engine(TrainConfig(report_to=[], precision="fp32"), tmp_path / "b")
     assert second.accelerator.mixed_precision == "no"
+
+
+class _Broken(SFT):
+    """SFT whose loss is NaN (`value`), or finite with a NaN gradient (`gradient`)."""
+
+    def __init__(self, pad_id, how):
+        super().__init__(pad_id)
+        self.how = how
+
+    def loss(self, model, batch, normaliser):
+        loss, m = super().loss(model, batch, normaliser)
+        if self.how == "value":
+            return loss * float("nan"), m
+        first = next(model.parameters())
+        return loss + torch.sqrt(first.abs().sum() * 0.0), m  # adds 0; d sqrt(u) / du at 0 is inf, times 0: NaN
+
+
+@pytest.mark.parametrize("how, what", [("value", "non-finite loss"), ("gradient", "non-finite grad_norm")])
+def test_non_finite_step_stops_before_the_update(tmp_path, how, what):
+    tok, rows = _sft_rows(tmp_path)
+    engine = Engine(TrainConfig(batch_size=8, micro_batch_size=8, report_to=[], precision="fp32"), tmp_path / "run")
+    model = tiny_llama(seed=3).train().to(engine.accelerator.device)
+    optimizer, scheduler = engine.make_optimizer(model, 4)
+    engine.train_step(model, SFT(tok.pad_token_id), rows, optimizer, scheduler)  # one good step first
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(UserError, match=f"{what} .* at optimiser step 2: stopped before updating"):
+        engine.train_step(model, _Broken(tok.pad_token_id, how), rows, optimizer, scheduler)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
 
 
 def _sft_cmd(model_dir, sft_files, out, *extra):

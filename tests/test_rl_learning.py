@@ -4,6 +4,10 @@ policy gradient raises it quickly; a large beta keeps the policy near its refere
 an uninterrupted run."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from alignkit.algorithms.policy_gradient import (
 )
 from alignkit.algorithms.ppo import PPOConfig, run_ppo
 from alignkit.config import load_config
+from alignkit.errors import UserError
 from alignkit.models.tiny import tiny_llama, tiny_tokenizer
 from alignkit.rewards.base import CallableReward
 from alignkit.rollout.generate import SamplingConfig
@@ -156,6 +161,34 @@ def test_collect_rollout_contract():
     texts = tok.batch_decode(r.response_ids.masked_fill(~r.response_mask, tok.pad_token_id), skip_special_tokens=True)
     assert r.gold.tolist() == [float(len(t)) for t in texts] and "gold" not in batch
     assert r.metrics()["gold_mean"] == pytest.approx(sum(map(len, texts)) / 6)
+
+
+def nan_reward(prompts, completions, **row_fields):
+    return [float("nan")] * len(completions)
+
+
+def test_nan_reward_from_the_cli(tiny_llama_dir, prompt_file, tmp_path):
+    """One line of error on a line of its own (the progress bar is closed first), exit 2, no model written."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "alignkit.cli", "grpo", f"model.path={tiny_llama_dir}",
+                          f"prompts={prompt_file}", "reward.function=test_rl_learning:nan_reward", f"output_dir={out}",
+                          "sampling.max_new_tokens=4", "online.steps=2", "online.chat_template=false"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.rstrip().split("\n")[-1]  # not splitlines(): the bar redraws itself after a carriage return
+    assert last.startswith("alignkit grpo: error: the reward gave a non-finite score (nan)"), last
+    assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_reward_is_an_error(value):
+    """A NaN reward would make the advantages, the loss and then every weight NaN: the rollout refuses it."""
+    tok, policy = tiny_tokenizer(), tiny_llama()
+    reward = CallableReward(lambda prompts, completions: [1.0] * (len(completions) - 1) + [value])
+    with pytest.raises(UserError, match=rf"non-finite score \({value}\) to 1 of 4 completions"):
+        collect_rollout(policy, tok, [{"prompt": "review one"}], reward, SamplingConfig(max_new_tokens=3),
+                        group_size=4, reference=tiny_llama(), chat_template=False)
 
 
 @pytest.mark.parametrize("options", [

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from alignkit.errors import UserError
 from alignkit.losses.policy import (
     AGGREGATIONS,
     clipped_policy_loss,
@@ -159,6 +160,8 @@ def test_reward_sources():
     const = CallableReward(lambda prompts, completions, bonus, **kw: bonus)
     total = WeightedSum([count, const], [2.0, 1.0])
     assert total.score(["p", "q"], ["aa", "b"], bonus=[0.5, 1.0]).tolist() == [4.5, 1.0]
+    with pytest.raises(UserError, match="must return 2 numbers, got"):
+        CallableReward(lambda prompts, completions: ["good"] * 2).score(["p", "q"], ["a", "b"])
     assert length_penalty(torch.tensor([1.0, 2.0]), torch.tensor([True, False]), -1.0).tolist() == [1.0, -1.0]
     assert length_penalty(torch.tensor([1.0, 2.0]), torch.tensor([True, False]), None).tolist() == [1.0, 2.0]
 

@@ -36,6 +36,8 @@ class RunLogger:
     """Writes one JSON line per logged step (main process only) and drives the progress bar.
 
     On resume, lines for steps after the checkpoint are dropped so the file reads as one clean run.
+    A context manager: leaving the block (also on an error) closes the bar and the trackers, so an error
+    message starts on a line of its own.
     """
 
     def __init__(self, accelerator, run_dir: Path, total_steps: int, start_step: int, desc: str):
@@ -67,6 +69,9 @@ class RunLogger:
     def advance(self) -> None:
         self.bar.update(1)
 
-    def close(self) -> None:
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.bar.close()
         self.acc.end_training()

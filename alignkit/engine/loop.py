@@ -97,6 +97,13 @@ class Engine:
         if self.cfg.max_grad_norm is not None:
             params = [p for p in model.parameters() if p.requires_grad]
             out["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        # fp16's loss scaler skips steps whose gradients overflow (and lowers its scale): those are expected
+        checked = ("loss",) if self.accelerator.scaler is not None else ("loss", "grad_norm")
+        bad = {k: out[k] for k in checked if k in out and not math.isfinite(out[k])}
+        if bad:  # the optimiser step would write NaN into every weight; stop before it
+            raise UserError(f"non-finite {', '.join(f'{k} ({v})' for k, v in bad.items())} at optimiser step "
+                            f"{scheduler.last_epoch + 1}: stopped before updating the weights; lower train.lr "
+                            "or check the data and the reward for NaN or inf")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -162,22 +169,21 @@ class Engine:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         acc.init_trackers("alignkit", config=_flat(config or {}))  # TensorBoard: run_dir/alignkit
-        logger = RunLogger(acc, self.run_dir, total, start, desc)
-        eval_metrics = {}
-        for step in range(start + 1, total + 1):
-            epoch, index = divmod(step - 1, steps_per_epoch)
-            rows = [train_rows[i] for i in self.batches(len(train_rows), epoch)[index]]
-            metrics = self.train_step(model, algorithm, rows, optimizer, scheduler)
-            logger.count_tokens(metrics.pop("tokens_seen", 0))
-            if step % cfg.log_every == 0 or step == total:
-                logger.log(step, {"epoch": epoch + (index + 1) / steps_per_epoch, **metrics})
-            if eval_rows and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
-                eval_metrics = self.evaluate(model, algorithm, eval_rows)
-                logger.log(step, eval_metrics)
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_checkpoint(acc, self.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints)
-            logger.advance()
-        logger.close()
+        with RunLogger(acc, self.run_dir, total, start, desc) as logger:
+            eval_metrics = {}
+            for step in range(start + 1, total + 1):
+                epoch, index = divmod(step - 1, steps_per_epoch)
+                rows = [train_rows[i] for i in self.batches(len(train_rows), epoch)[index]]
+                metrics = self.train_step(model, algorithm, rows, optimizer, scheduler)
+                logger.count_tokens(metrics.pop("tokens_seen", 0))
+                if step % cfg.log_every == 0 or step == total:
+                    logger.log(step, {"epoch": epoch + (index + 1) / steps_per_epoch, **metrics})
+                if eval_rows and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    eval_metrics = self.evaluate(model, algorithm, eval_rows)
+                    logger.log(step, eval_metrics)
+                if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                    save_checkpoint(acc, self.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints)
+                logger.advance()
         return acc.unwrap_model(model), eval_metrics
 
 

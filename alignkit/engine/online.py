@@ -122,19 +122,18 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
     if acc.is_main_process:
         engine.run_dir.mkdir(parents=True, exist_ok=True)
     acc.init_trackers("alignkit", config=_flat(config or {}))
-    logger = RunLogger(acc, engine.run_dir, online.steps, start, desc)
-    for step in range(start + 1, online.steps + 1):
-        prompts = prompt_batch(prompt_rows, step, online.prompts_per_step, cfg.seed)
-        with acc.autocast():  # sampling, reference and value forwards in the training's precision
-            rows, metrics = algorithm.rollout(model, prompts)
-        if rows:
-            metrics.update(update(engine, model, algorithm, rows, online.epochs, optimizer, scheduler, step))
-        metrics.update(algorithm.after_update(metrics))
-        logger.count_tokens(metrics.pop("tokens_seen", 0))
-        if step % cfg.log_every == 0 or step == online.steps:
-            logger.log(step, metrics)
-        if cfg.save_every and step % cfg.save_every == 0 and step < online.steps:
-            _save(engine, step, model, algorithm, optimizer, scheduler)
-        logger.advance()
-    logger.close()
+    with RunLogger(acc, engine.run_dir, online.steps, start, desc) as logger:
+        for step in range(start + 1, online.steps + 1):
+            prompts = prompt_batch(prompt_rows, step, online.prompts_per_step, cfg.seed)
+            with acc.autocast():  # sampling, reference and value forwards in the training's precision
+                rows, metrics = algorithm.rollout(model, prompts)
+            if rows:
+                metrics.update(update(engine, model, algorithm, rows, online.epochs, optimizer, scheduler, step))
+            metrics.update(algorithm.after_update(metrics))
+            logger.count_tokens(metrics.pop("tokens_seen", 0))
+            if step % cfg.log_every == 0 or step == online.steps:
+                logger.log(step, metrics)
+            if cfg.save_every and step % cfg.save_every == 0 and step < online.steps:
+                _save(engine, step, model, algorithm, optimizer, scheduler)
+            logger.advance()
     return acc.unwrap_model(model)

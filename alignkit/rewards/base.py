@@ -25,7 +25,12 @@ class CallableReward:
         self.fn, self.name = fn, name or getattr(fn, "__name__", "function")
 
     def score(self, prompts: Sequence, completions: Sequence[str], **row_fields) -> torch.Tensor:
-        out = torch.as_tensor(self.fn(prompts, completions, **row_fields), dtype=torch.float32).reshape(-1)
+        scores = self.fn(prompts, completions, **row_fields)
+        try:
+            out = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise UserError(f"reward function {self.name} must return {len(completions)} numbers, "
+                            f"got {scores!r:.80}") from None
         if out.numel() != len(completions):
             raise UserError(f"reward function {self.name} returned {out.numel()} scores for "
                             f"{len(completions)} completions")
