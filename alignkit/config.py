@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -207,5 +208,24 @@ def to_yaml(cfg, comments: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(to_yaml(cfg, comments=False))
+    """Write `cfg` as YAML. A resumed run overwrites its earlier config: the settings that changed are
+    logged as a warning first (continuing with, say, another learning rate or batch size is allowed)."""
+    path = Path(path)
+    if path.exists():
+        try:
+            old = _leaves(yaml.safe_load(path.read_text()) or {})
+        except yaml.YAMLError:
+            old = {}
+        new = _leaves(to_dict(cfg))
+        changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k] and k != "train.resume"]
+        if changed:
+            logging.getLogger(__name__).warning("%s: continuing with changed settings: %s", path, "; ".join(changed))
+    path.write_text(to_yaml(cfg, comments=False))

@@ -7,7 +7,7 @@ import pytest
 
 from alignkit.algorithms.sft import SFTConfig
 from alignkit.cli import main
-from alignkit.config import load_config, to_yaml
+from alignkit.config import load_config, save_config, to_yaml
 from alignkit.errors import UserError
 
 
@@ -35,6 +35,15 @@ def test_config_file_and_override(tmp_path):
     f.write_text(to_yaml(load_config(SFTConfig, None, ["train.batch_size=16", "train.micro_batch_size=4"])))
     cfg = load_config(SFTConfig, f, ["train.lr=0.01"])
     assert (cfg.train.batch_size, cfg.train.micro_batch_size, cfg.train.lr) == (16, 4, 0.01)
+
+
+def test_resumed_run_logs_changed_settings(tmp_path, caplog):
+    path = tmp_path / "config.yaml"
+    save_config(load_config(SFTConfig, None, []), path)
+    caplog.clear()
+    save_config(load_config(SFTConfig, None, ["train.lr=0.01", "train.resume=true"]), path)
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: continuing with changed settings: train.lr 1e-05 -> 0.01"]
+    assert load_config(SFTConfig, path, []).train.lr == 0.01  # the new settings are the ones kept
 
 
 @pytest.mark.parametrize(
