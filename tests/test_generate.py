@@ -232,6 +232,19 @@ def test_invalid_config_raises_user_error(field, value):
         SamplingConfig(**{field: value}).validate()
 
 
+def test_prompt_beyond_the_context_is_a_user_error():
+    """GPT-2's learned positions end at n_positions (512 here): an IndexError deep in the model otherwise."""
+    model = tiny_gpt2()
+    ids = torch.ones(2, 509, dtype=torch.long)
+    out = generate(model, ids, torch.ones_like(ids), SamplingConfig(max_new_tokens=4, do_sample=False),
+                   eos_token_id=None, pad_token_id=0)
+    assert out.response_ids.shape == (2, 4)  # reads 509 + 3 = 512 positions: the last new token is not fed
+    ids = torch.ones(2, 510, dtype=torch.long)
+    message = "longest prompt is 510 tokens; .* read 513 positions, more than its context of 512"
+    with pytest.raises(UserError, match=message):
+        generate(model, ids, torch.ones_like(ids), SamplingConfig(max_new_tokens=4), eos_token_id=None, pad_token_id=0)
+
+
 def test_beam_with_sampling_rejected():
     with pytest.raises(UserError, match="num_beams"):
         SamplingConfig(num_beams=2, do_sample=True).validate()

@@ -136,6 +136,12 @@ def generate(
     cfg.validate()
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask must both be (B, P)")
+    context = getattr(_config(model), "max_position_embeddings", None)
+    fed = input_ids.shape[1] + cfg.max_new_tokens - 1  # the last new token is never fed back
+    if isinstance(context, int) and fed > context:
+        raise UserError(f"the longest prompt is {input_ids.shape[1]} tokens; with sampling.max_new_tokens="
+                        f"{cfg.max_new_tokens} the model would read {fed} positions, more than its context of "
+                        f"{context}: shorten the prompts or lower sampling.max_new_tokens")
     eos = _eos_tensor(eos_token_id, input_ids.device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
