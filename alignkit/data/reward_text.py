@@ -4,7 +4,9 @@ With a chat template (`chat_template` and the tokenizer has one) the text is the
 prompt + one assistant turn, rendered by the template, exactly as the policy sees it. Otherwise it is
 the tokenizer's own text-pair encoding of (prompt, completion): `[CLS] prompt [SEP] completion [SEP]`
 with segment ids for BERT-style encoders, plain concatenation for tokenizers without a pair template.
-Texts longer than `max_length` are cut from the right and counted (`RewardEncoder.truncated`).
+Texts longer than `max_length` keep their first token ([CLS], BOS or the template's opening) and their
+last `max_length - 1`, and are counted (`RewardEncoder.truncated`): what is cut is the start of the
+prompt, never the end of the completion, where a causal LM's head reads the reward.
 Batches are right-padded: BERT-style models pool position 0 ([CLS]) and causal LMs read the last
 non-pad token, so right padding is correct for both.
 """
@@ -47,7 +49,7 @@ class RewardEncoder:
             out["token_type_ids"] = list(enc["token_type_ids"])
         if len(out["input_ids"]) > self.max_length:
             self.truncated += 1
-            out = {k: v[: self.max_length] for k, v in out.items()}
+            out = {k: v[:1] + v[len(v) - self.max_length + 1 :] for k, v in out.items()}
         return out
 
     def collate(self, encodings: Sequence[dict]) -> dict[str, torch.Tensor]:
