@@ -61,7 +61,8 @@ class RunLogger:
         if self.acc.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
-            short = {k: metrics[k] for k in ("loss", "lr", "tokens_per_s", "eval/loss") if k in metrics}
+            short = {k: metrics[k] for k in ("loss", "score_mean", "kl", "lr", "tokens_per_s", "eval/loss")
+                     if k in metrics}
             if short:
                 self.bar.set_postfix({k: f"{v:.3g}" for k, v in short.items()}, refresh=False)
         self.acc.log(metrics, step=step)
