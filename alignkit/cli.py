@@ -127,9 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"alignkit {args.stage}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _end_process_group()
     if result is not None:
         print(result)
     return 0
+
+
+def _end_process_group() -> None:
+    """One of several processes (torchrun, `accelerate launch`): leave the process group before exiting."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -163,6 +163,9 @@ def test_ddp_two_processes_match_single(tiny_llama_dir, sft_files, tmp_path):
                "-m", "alignkit.cli"] + _sft_cmd(tiny_llama_dir, sft_files, tmp_path / "ddp", *args)[len(CLI):]
     ddp = _run(ddp_cmd, cpu)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # one main process: two ranks that each trained alone (not distributed) would both log and both save
+    logged = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 4], logged  # four training lines and the final eval line
     a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     init = load_file(Path(tiny_llama_dir) / "model.safetensors")

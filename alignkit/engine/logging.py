@@ -75,4 +75,5 @@ class RunLogger:
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
-        self.acc.end_training()
+        for tracker in self.acc.trackers:  # not `end_training()`: that also ends the process group, which the
+            tracker.finish()  # stage still needs (it saves the model between two barriers)

@@ -29,6 +29,7 @@ from alignkit.engine.checkpoint import checkpoint_dirs, load_checkpoint, save_ch
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import RunLogger, resolve_trackers
 from alignkit.errors import UserError
+from alignkit.models.load import cpu_processes
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class Engine:
         trackers = resolve_trackers(cfg.report_to)
         AcceleratorState._reset_state()  # each engine its own precision (accelerate keeps one per process)
         self.accelerator = Accelerator(
-            mixed_precision=resolve_precision(cfg.precision), log_with=trackers or None, project_dir=self.run_dir
+            mixed_precision=resolve_precision(cfg.precision), log_with=trackers or None, project_dir=self.run_dir,
+            cpu=cpu_processes(),
         )
         world = self.accelerator.num_processes
         if cfg.batch_size % (cfg.micro_batch_size * world):

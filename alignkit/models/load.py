@@ -54,12 +54,18 @@ class LoraConfig:
             raise UserError(f"lora.r must be >= 0, got {self.r}")
 
 
+def cpu_processes() -> bool:
+    """True for one of several processes (torchrun, `accelerate launch`) on a machine without a GPU. accelerate
+    distributes CPU processes only when told to (`cpu=True`); otherwise each would train alone on every batch."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def default_device() -> torch.device:
     """This process's accelerator, where every stage loads its models: accelerate's `PartialState` (the GPU of
     this rank under torchrun, else the one GPU, MPS, or the CPU)."""
     from accelerate import PartialState
 
-    return PartialState().device
+    return PartialState(cpu=cpu_processes()).device
 
 
 def resolve_dtype(name: str, trained: bool = False) -> torch.dtype:
