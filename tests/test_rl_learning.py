@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from alignkit.algorithms.policy_gradient import (
     GRPOConfig,
@@ -119,8 +120,6 @@ def test_resume_equals_uninterrupted(tiny_llama_dir, prompt_file, tmp_path):
 def test_same_seed_same_run_on_two_threads(tiny_llama_dir, prompt_file, tmp_path):
     """A seed fixes the run, also on 2 threads: the backward of indexing (GRPO's shared prompt cache, one
     row per group member) sums rows in thread order unless torch's deterministic algorithms are on."""
-    from safetensors.torch import load_file
-
     runs = [run(GRPOConfig, run_grpo, tiny_llama_dir, prompt_file, tmp_path / name, "online.steps=8",
                 "train.lr=1e-2", threads=2) for name in ("a", "b")]
     assert [(m["score_mean"], m["loss"]) for m in runs[0]] == [(m["score_mean"], m["loss"]) for m in runs[1]]
@@ -179,6 +178,26 @@ def test_nan_reward_from_the_cli(tiny_llama_dir, prompt_file, tmp_path):
     last = res.stderr.rstrip().split("\n")[-1]  # not splitlines(): the bar redraws itself after a carriage return
     assert last.startswith("alignkit grpo: error: the reward gave a non-finite score (nan)"), last
     assert not (out / "model").exists()
+
+
+def test_grpo_two_processes_match_one(tiny_llama_dir, prompt_file, tmp_path):
+    """DDP: every process samples the same rollout (one seed) and trains on its share; the result is one process's."""
+    from test_engine import _free_port
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = [f"model.path={tiny_llama_dir}", f"prompts={prompt_file}", "reward.function=test_rl_learning:count_target",
+            "sampling.max_new_tokens=6", "online.steps=3", "online.chat_template=false", "train.lr=1e-3",
+            "train.batch_size=8", "train.micro_batch_size=4"]
+    launchers = {"one": [], "two": ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]}
+    for name, launcher in launchers.items():
+        res = subprocess.run([sys.executable, *launcher, "-m", "alignkit.cli", "grpo", *args, f"output_dir={tmp_path / name}"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    one, two = ((tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in launchers)
+    assert [json.loads(line)["step"] for line in two] == [1, 2, 3]  # logged once, by the first process
+    assert [json.loads(line)["score_mean"] for line in one] == [json.loads(line)["score_mean"] for line in two]
+    a, b = (load_file(tmp_path / n / "model" / "model.safetensors") for n in launchers)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
