@@ -188,10 +188,11 @@ def test_grpo_two_processes_match_one(tiny_llama_dir, prompt_file, tmp_path):
     args = [f"model.path={tiny_llama_dir}", f"prompts={prompt_file}", "reward.function=test_rl_learning:count_target",
             "sampling.max_new_tokens=6", "online.steps=3", "online.chat_template=false", "train.lr=1e-3",
             "train.batch_size=8", "train.micro_batch_size=4"]
-    launchers = {"one": [], "two": ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]}
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    launchers = {"one": [], "two": torchrun}
     for name, launcher in launchers.items():
-        res = subprocess.run([sys.executable, *launcher, "-m", "alignkit.cli", "grpo", *args, f"output_dir={tmp_path / name}"],
-                             env=env, capture_output=True, text=True, timeout=300)
+        cmd = [sys.executable, *launcher, "-m", "alignkit.cli", "grpo", *args, f"output_dir={tmp_path / name}"]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
     one, two = ((tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in launchers)
     assert [json.loads(line)["step"] for line in two] == [1, 2, 3]  # logged once, by the first process
