@@ -208,10 +208,11 @@ def to_yaml(cfg, comments: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _leaves(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1e-5}} -> {"train.lr": 1e-5}."""
     out = {}
     for k, v in d.items():
-        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -221,10 +222,10 @@ def save_config(cfg, path: str | Path) -> None:
     path = Path(path)
     if path.exists():
         try:
-            old = _leaves(yaml.safe_load(path.read_text()) or {})
+            old = flatten(yaml.safe_load(path.read_text()) or {})
         except yaml.YAMLError:
             old = {}
-        new = _leaves(to_dict(cfg))
+        new = flatten(to_dict(cfg))
         changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k] and k != "train.resume"]
         if changed:
             logging.getLogger(__name__).warning("%s: continuing with changed settings: %s", path, "; ".join(changed))

@@ -25,6 +25,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
+from alignkit.config import flatten
 from alignkit.engine.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import RunLogger, resolve_trackers
@@ -189,11 +190,6 @@ class Engine:
         return acc.unwrap_model(model), eval_metrics
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def _flat(d: dict) -> dict:
+    """A nested config as tracker hyperparameters: dotted keys, plain values (anything else as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(d).items()}
