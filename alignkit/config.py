@@ -33,6 +33,16 @@ def _copy(value):
     return copy.deepcopy(value)
 
 
+def check_interval(name: str, value: float, low: float | None, high: float | None, brackets: str = "[]") -> None:
+    """UserError unless `value` lies in the interval, e.g. brackets "(]": low < value <= high; None: unbounded."""
+    above = low is None or (value >= low if brackets[0] == "[" else value > low)
+    below = high is None or (value <= high if brackets[1] == "]" else value < high)
+    if not (above and below):
+        lo = f"({'-inf'}" if low is None else f"{brackets[0]}{low}"
+        hi = "inf)" if high is None else f"{high}{brackets[1]}"
+        raise UserError(f"{name} must be in {lo}, {hi}, got {value}")
+
+
 def field_help(cls: type, name: str) -> str:
     return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
 

@@ -62,6 +62,32 @@ def test_bad_config_values(override, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize(
+    "stage, override, message",
+    [
+        ("grpo", "online.group_size=1", "pg.advantage=grpo compares the samples of one prompt: online.group_size must "
+                                        "be >= 2, got 1"),
+        ("rloo", "online.group_size=1", "pg.advantage=rloo compares the samples of one prompt: online.group_size must "
+                                        "be >= 2, got 1"),
+        ("ppo", "kl.beta=-0.1", "kl.beta must be in [0, inf), got -0.1"),
+        ("ppo", "kl.target=0", "kl.target must be in (0, inf), got 0.0"),
+        ("grpo", "pg.clip_low=1", "pg.clip_low must be in (0, 1), got 1.0"),
+        ("reinforce", "pg.baseline_momentum=1", "pg.baseline_momentum must be in [0, 1), got 1.0"),
+        ("ppo", "ppo.gamma=0", "ppo.gamma must be in (0, 1], got 0.0"),
+        ("ppo", "ppo.lam=1.5", "ppo.lam must be in [0, 1], got 1.5"),
+    ],
+)
+def test_bad_rl_config_values(stage, override, message):
+    from alignkit.algorithms.policy_gradient import GRPOConfig, REINFORCEConfig, RLOOConfig
+    from alignkit.algorithms.ppo import PPOConfig
+
+    cls = {"grpo": GRPOConfig, "rloo": RLOOConfig, "reinforce": REINFORCEConfig, "ppo": PPOConfig}[stage]
+    with pytest.raises(UserError) as e:
+        load_config(cls, None, [override])
+    assert str(e.value) == message
+    load_config(cls, None, [])  # the defaults pass
+
+
 def test_bad_yaml_names_file_and_line(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("train:\n  lr: [1, 2\n")

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import option, save_config, to_dict
+from alignkit.config import check_interval, option, save_config, to_dict
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.online import OnlineConfig, fit_online
 from alignkit.errors import UserError
@@ -34,6 +34,11 @@ class KLConfig:
     target: float = option(6.0, "Adaptive: target KL per response (nats)")
     horizon: int = option(10_000, "Adaptive: responses over which beta moves by at most 20%")
     estimator: Literal["k1", "k2", "k3"] = option("k1", "Per-token KL estimator (Schulman's k1, k2, k3)")
+
+    def validate(self):
+        check_interval("kl.beta", self.beta, 0, None)
+        check_interval("kl.target", self.target, 0, None, "()")
+        check_interval("kl.horizon", self.horizon, 1, None)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ from typing import Literal
 import torch
 
 from alignkit.algorithms.online import KLConfig, OnlineAlgorithm, OnlineStageConfig, run_online
-from alignkit.config import option
+from alignkit.config import check_interval, option
 from alignkit.engine.online import OnlineConfig
+from alignkit.errors import UserError
 from alignkit.losses.policy import AGGREGATIONS, clipped_policy_loss, kl_loss
 from alignkit.ops.advantages import MovingAverage, equal_groups, group_centred, group_normalised, leave_one_out
 from alignkit.ops.kl import KL_ESTIMATORS
@@ -63,6 +64,12 @@ class PGOptions:
     drop_equal_groups: bool = option(False, "Drop groups whose responses all scored the same (DAPO)")
     baseline_momentum: float = option(0.9, "REINFORCE: momentum of the moving-average baseline")
 
+    def validate(self):
+        check_interval("pg.clip_low", self.clip_low, 0, 1, "()")
+        if self.clip_high is not None:
+            check_interval("pg.clip_high", self.clip_high, 0, None, "()")
+        check_interval("pg.baseline_momentum", self.baseline_momentum, 0, 1, "[)")
+
 
 @dataclass(frozen=True)
 class RLOOOptions(PGOptions):
@@ -87,8 +94,18 @@ class K3KL(KLConfig):
     estimator: Literal["k1", "k2", "k3"] = option("k3", "Per-token KL estimator (Schulman's k1, k2, k3)")
 
 
+class PGStageConfig(OnlineStageConfig):
+    """What the critic-free stages share: a baseline from the other samples of a prompt needs several."""
+
+    def validate(self):
+        if self.pg.advantage in ("grpo", "dr_grpo", "rloo") and self.online.group_size < 2:
+            raise UserError(f"pg.advantage={self.pg.advantage} compares the samples of one prompt: "
+                            f"online.group_size must be >= 2, got {self.online.group_size}")
+        super().validate()
+
+
 @dataclass(frozen=True)
-class GRPOConfig(OnlineStageConfig):
+class GRPOConfig(PGStageConfig):
     """GRPO (Shao et al. 2024); Dr. GRPO and DAPO through `pg.*` options."""
 
     pg: PGOptions = option(PGOptions(), "Variant options")
@@ -98,7 +115,7 @@ class GRPOConfig(OnlineStageConfig):
 
 
 @dataclass(frozen=True)
-class RLOOConfig(OnlineStageConfig):
+class RLOOConfig(PGStageConfig):
     """RLOO (Ahmadian et al. 2024): leave-one-out baseline, KL in the reward."""
 
     pg: RLOOOptions = option(RLOOOptions(), "Variant options")
@@ -107,7 +124,7 @@ class RLOOConfig(OnlineStageConfig):
 
 
 @dataclass(frozen=True)
-class REINFORCEConfig(OnlineStageConfig):
+class REINFORCEConfig(PGStageConfig):
     """REINFORCE with a moving-average baseline, KL in the reward."""
 
     pg: REINFORCEOptions = option(REINFORCEOptions(), "Variant options")

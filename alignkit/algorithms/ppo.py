@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from alignkit.algorithms.online import OnlineAlgorithm, OnlineStageConfig, run_online
-from alignkit.config import option
+from alignkit.config import check_interval, option
 from alignkit.engine.online import OnlineConfig
 from alignkit.losses.policy import clipped_policy_loss, clipped_value_loss, entropy_from_logits, entropy_loss
 from alignkit.models.load import unwrap
@@ -39,6 +39,13 @@ class PPOOptions:
     whiten_rewards: bool = option(False, "Scale the per-token rewards to unit variance over the rollout (no centring)")
     critic: Literal["shared", "separate"] = option("shared", "Value head on the policy trunk, or a separate critic")
     critic_model: str | None = option(None, "Separate critic trunk (HF dir, e.g. the reward model); null = model.path")
+
+    def validate(self):
+        for name in ("clip", "value_clip"):
+            check_interval(f"ppo.{name}", getattr(self, name), 0, None, "()")
+        check_interval("ppo.vf_coef", self.vf_coef, 0, None)
+        check_interval("ppo.gamma", self.gamma, 0, 1, "(]")
+        check_interval("ppo.lam", self.lam, 0, 1)
 
 
 @dataclass(frozen=True)

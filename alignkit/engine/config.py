@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from alignkit.config import option
+from alignkit.config import check_interval, option
 from alignkit.errors import UserError
 
 
@@ -54,8 +54,7 @@ class TrainConfig:
             )
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise UserError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check_interval("train.warmup_ratio", self.warmup_ratio, 0, 1, "[)")
         if len(self.adam_betas) != 2:
             raise UserError(f"train.adam_betas needs two numbers, got {self.adam_betas}")
         unknown = set(self.report_to) - {"auto", "tensorboard", "wandb", "mlflow"}
