@@ -38,7 +38,7 @@ def check_interval(name: str, value: float, low: float | None, high: float | Non
     above = low is None or (value >= low if brackets[0] == "[" else value > low)
     below = high is None or (value <= high if brackets[1] == "]" else value < high)
     if not (above and below):
-        lo = f"({'-inf'}" if low is None else f"{brackets[0]}{low}"
+        lo = "(-inf" if low is None else f"{brackets[0]}{low}"
         hi = "inf)" if high is None else f"{high}{brackets[1]}"
         raise UserError(f"{name} must be in {lo}, {hi}, got {value}")
 
