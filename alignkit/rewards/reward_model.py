@@ -33,7 +33,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         from alignkit.data.reward_text import RewardEncoder
-        from alignkit.models.load import default_device, load_tokenizer, resolve_dtype, resolve_path
+        from alignkit.models.load import default_device, from_pretrained, load_tokenizer, resolve_dtype, resolve_path
         from alignkit.models.reward import load_metadata
 
         path = resolve_path(str(path))
@@ -44,8 +44,9 @@ class RewardModel:
         self.encoder = RewardEncoder(tokenizer, self.meta.get("chat_template", True), max_length)
         self.device = torch.device(device) if device else default_device()
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype("auto"))
-        except (OSError, ValueError) as e:
+            model = from_pretrained(AutoModelForSequenceClassification, path, "a reward model",
+                                    dtype=resolve_dtype("auto"))
+        except ValueError as e:
             raise UserError(f"could not load a reward model from '{path}': {str(e).splitlines()[0]}") from None
         if model.config.num_labels != 1:
             raise UserError(f"{path} has {model.config.num_labels} outputs; a reward model has exactly one")
