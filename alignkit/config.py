@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 import types
 import typing
 from pathlib import Path
@@ -197,15 +198,15 @@ def to_dict(cfg) -> dict:
     return plain(cfg)
 
 
-def to_yaml(cfg, comments: bool = True) -> str:
-    """YAML text of `cfg`; with `comments`, each field's docstring is written above it."""
+def to_yaml(cfg) -> str:
+    """YAML text of `cfg`, each field's help written above it (`--print-config`)."""
     lines: list[str] = []
 
     def emit(obj, indent: int):
         pad = "  " * indent
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if comments and f.metadata.get("help"):
+            if f.metadata.get("help"):
                 lines.append(f"{pad}# {f.metadata['help']}")
             if dataclasses.is_dataclass(value):
                 lines.append(f"{pad}{f.name}:")
@@ -226,17 +227,20 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def save_config(cfg, path: str | Path) -> None:
-    """Write `cfg` as YAML. A resumed run overwrites its earlier config: the settings that changed are
-    logged as a warning first (continuing with, say, another learning rate or batch size is allowed)."""
+def save_config(config: dict, path: str | Path) -> None:
+    """Write a run's config (`to_dict` of it) as YAML, atomically. A resumed run overwrites its earlier
+    config: the settings that changed are logged as a warning first (continuing with, say, another
+    learning rate or batch size is allowed)."""
     path = Path(path)
     if path.exists():
         try:
             old = flatten(yaml.safe_load(path.read_text()) or {})
         except yaml.YAMLError:
             old = {}
-        new = flatten(to_dict(cfg))
+        new = flatten(config)
         changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k] and k != "train.resume"]
         if changed:
             logging.getLogger(__name__).warning("%s: continuing with changed settings: %s", path, "; ".join(changed))
-    path.write_text(to_yaml(cfg, comments=False))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, path)

@@ -7,7 +7,7 @@ import pytest
 
 from alignkit.algorithms.sft import SFTConfig
 from alignkit.cli import main
-from alignkit.config import load_config, save_config, to_yaml
+from alignkit.config import load_config, save_config, to_dict, to_yaml
 from alignkit.errors import UserError
 
 
@@ -39,9 +39,9 @@ def test_config_file_and_override(tmp_path):
 
 def test_resumed_run_logs_changed_settings(tmp_path, caplog):
     path = tmp_path / "config.yaml"
-    save_config(load_config(SFTConfig, None, []), path)
+    save_config(to_dict(load_config(SFTConfig, None, [])), path)
     caplog.clear()
-    save_config(load_config(SFTConfig, None, ["train.lr=0.01", "train.resume=true"]), path)
+    save_config(to_dict(load_config(SFTConfig, None, ["train.lr=0.01", "train.resume=true"])), path)
     assert [r.getMessage() for r in caplog.records] == [f"{path}: continuing with changed settings: train.lr 1e-05 -> 0.01"]
     assert load_config(SFTConfig, path, []).train.lr == 0.01  # the new settings are the ones kept
 

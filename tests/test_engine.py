@@ -147,6 +147,21 @@ def test_kill_and_resume_equals_uninterrupted(tiny_llama_dir, sft_files, tmp_pat
     assert steps == list(range(1, 61)), "metrics.jsonl should read as one clean run after resume"
 
 
+def test_failed_resume_keeps_the_run_config(tiny_llama_dir, sft_files, tmp_path):
+    """A resume whose checkpoint does not fit the model (here: LoRA asked of a full fine-tuning run) stops
+    before the run's config.yaml is rewritten."""
+    from alignkit.algorithms.sft import SFTConfig, run_sft
+    from alignkit.config import load_config
+
+    out = tmp_path / "run"
+    args = _sft_cmd(tiny_llama_dir, sft_files, out, "train.max_steps=2", "train.save_every=1")[len(CLI) + 1:]
+    run_sft(load_config(SFTConfig, None, args))
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(UserError, match="checkpoint does not match the model"):
+        run_sft(load_config(SFTConfig, None, [*args, "train.resume=true", "lora.r=4"]))
+    assert (out / "config.yaml").read_text() == saved
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -37,7 +37,7 @@ import torch
 from alignkit.algorithms.policy_kl import policy_kl
 from alignkit.algorithms.reference import Reference, cache_reference, disable_dropout, pair_logps, sequence_logps
 from alignkit.algorithms.sft import check_output_dir
-from alignkit.config import option, save_config, to_dict
+from alignkit.config import option, to_dict
 from alignkit.data.preference_tokens import collate_pairs, collate_sequences, load_pairs, load_unpaired
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
@@ -275,9 +275,6 @@ def run_dpo(cfg: DPOConfig) -> Path:
     model = load_causal_lm(cfg.model, cfg.lora)
     disable_dropout(model)
     reference = _reference(cfg, model)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     algorithm = {True: PairPreference, False: UnpairedPreference}[cfg.spec.paired](
         cfg.spec, cfg.hyper, tokenizer.pad_token_id, reference)
     if cfg.spec.reference and cfg.reference == "cached":

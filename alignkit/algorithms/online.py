@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import check_interval, option, save_config, to_dict
+from alignkit.config import check_interval, option, to_dict
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.online import OnlineConfig, fit_online
 from alignkit.errors import UserError
@@ -182,9 +182,6 @@ def run_online(cfg: OnlineStageConfig, make_algorithm, desc: str) -> Path:
     reference = load_reference(cfg)
     reward = build_reward(cfg.reward, device=str(engine.accelerator.device))
     model, algorithm = make_algorithm(policy, tokenizer, reward, reference)
-    if engine.accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     model = fit_online(engine, model, algorithm, prompts, cfg.online, to_dict(cfg), desc=desc)
     engine.accelerator.wait_for_everyone()
     if engine.accelerator.is_main_process:

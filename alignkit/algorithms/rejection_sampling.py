@@ -106,7 +106,7 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> Path:
     score = load_reward(cfg.reward)
     model = load_causal_lm(cfg.model, cfg.lora)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    save_config(to_dict(cfg), out / "config.yaml")
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.sampling.seed or 0)
     for r in range(1, cfg.rounds + 1):
         model, line = run_round(model, tokenizer, prompts, score, cfg, r, out, generator)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from alignkit.algorithms.sft import check_output_dir
-from alignkit.config import option, save_config, to_dict
+from alignkit.config import option, to_dict
 from alignkit.data.preferences import comparison_groups, read_preferences
 from alignkit.data.reward_text import RewardEncoder
 from alignkit.engine.config import TrainConfig
@@ -238,9 +238,6 @@ def run_rm(cfg: RewardModelConfig) -> Path:
     if encoder.truncated:
         log.warning("%d texts were longer than data.max_length=%d and were cut", encoder.truncated, cfg.data.max_length)
     model = load_reward_model(cfg.model, tokenizer.pad_token_id, cfg.lora, cfg.freeze_layers)
-    if engine.accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     algorithm = RewardModeling(encoder, cfg.centering, cfg.forward_chunk)
     curves = held_out if cfg.train.eval_every else None
     model, _ = engine.fit(model, algorithm, train, curves, to_dict(cfg), desc="rm")

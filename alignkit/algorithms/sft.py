@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import option, save_config, to_dict
+from alignkit.config import option, to_dict
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
 from alignkit.errors import UserError
@@ -91,9 +91,6 @@ def run_sft(cfg: SFTConfig) -> Path:
     eval_rows = load_sft_dataset(eval_path, tokenizer, d.max_length, d.chat_template, False) if eval_path else None
     eval_rows = eval_rows[: d.max_eval_rows] if eval_rows and d.max_eval_rows else eval_rows
     model = load_causal_lm(cfg.model, cfg.lora)
-    if engine.accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     model, metrics = engine.fit(model, SFT(tokenizer.pad_token_id), train_rows, eval_rows, to_dict(cfg), desc="sft")
     if metrics:
         log.info("held-out loss %.4f, perplexity %.2f", metrics["eval/loss"], metrics["eval/ppl"])

@@ -48,7 +48,10 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
+def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, keep: int,
+                    extra: dict | None = None) -> Path:
+    """Write the checkpoint of `step`; `extra` (JSON-able, e.g. an RL algorithm's adaptive beta) is stored in
+    its `state.json` and handed back by `load_checkpoint`."""
     root = Path(run_dir) / "checkpoints"
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     if accelerator.is_main_process:
@@ -62,7 +65,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "state.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes}))
+        state = {"step": step, "num_processes": accelerator.num_processes, "extra": extra or {}}
+        (tmp / "state.json").write_text(json.dumps(state))
         os.replace(tmp, final)
         for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -70,8 +74,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
     return final
 
 
-def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> int:
-    """Restore everything saved by `save_checkpoint`; returns the step to continue from."""
+def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore everything saved by `save_checkpoint`; returns the step to continue from and the `extra` state."""
     state = json.loads((ckpt / "state.json").read_text())
     if state["num_processes"] != accelerator.num_processes:
         raise UserError(
@@ -89,4 +93,4 @@ def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> int
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     _set_rng_state(torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=False))
-    return int(state["step"])
+    return int(state["step"]), state.get("extra", {})

@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from alignkit.config import flatten
+from alignkit.config import flatten, save_config
 from alignkit.engine.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import RunLogger, resolve_trackers
@@ -153,6 +153,23 @@ class Engine:
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
         return optimizer, scheduler
 
+    def resume(self, model, optimizer, scheduler) -> tuple[int, dict]:
+        """With `train.resume`, restore the latest checkpoint: (its step, its extra state); else (0, {})."""
+        ckpts = checkpoint_dirs(self.run_dir)
+        if not (self.cfg.resume and ckpts):
+            return 0, {}
+        step, extra = load_checkpoint(self.accelerator, ckpts[-1], model, optimizer, scheduler)
+        log.info("resumed from %s (step %d)", ckpts[-1], step)
+        return step, extra
+
+    def begin(self, config: dict | None) -> None:
+        """Once the run can start (a checkpoint to resume from has loaded): write the run's `config.yaml`
+        and start the trackers (TensorBoard: run_dir/alignkit)."""
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config or {}, self.run_dir / "config.yaml")
+        self.accelerator.init_trackers("alignkit", config=_flat(config or {}))
+
     def fit(self, model, algorithm, train_rows: list, eval_rows: list | None = None, config: dict | None = None,
             desc: str = "train"):
         """Train `model` on `train_rows`; returns the (unwrapped-able) model and the last eval metrics."""
@@ -164,14 +181,8 @@ class Engine:
         model.train()
         optimizer, scheduler = self.make_optimizer(model, total)
         model, optimizer = acc.prepare(model, optimizer)
-        start = 0
-        ckpts = checkpoint_dirs(self.run_dir)
-        if cfg.resume and ckpts:
-            start = load_checkpoint(acc, ckpts[-1], model, optimizer, scheduler)
-            log.info("resumed from %s (step %d of %d)", ckpts[-1], start, total)
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        acc.init_trackers("alignkit", config=_flat(config or {}))  # TensorBoard: run_dir/alignkit
+        start, _ = self.resume(model, optimizer, scheduler)
+        self.begin(config)
         with RunLogger(acc, self.run_dir, total, start, desc) as logger:
             eval_metrics = {}
             for step in range(start + 1, total + 1):

@@ -11,10 +11,10 @@ Batch sizes, all in one place (PPO, GRPO, RLOO and REINFORCE alike):
       └─ optimiser steps per step = online.epochs x rollout batch / train.batch_size
 
 The engine's pieces are reused unchanged: `Engine.train_step` (accumulation, clipping, optimiser and
-scheduler step), `make_optimizer`, `RunLogger`, `save_checkpoint` / `load_checkpoint`. A checkpoint
-is taken between steps; the algorithm's own state (adaptive beta, moving baseline) is stored beside it
-in `algorithm.json`, and the prompt order is a function of (seed, epoch), so a resumed run continues
-exactly where it stopped.
+scheduler step), `make_optimizer`, `resume` / `begin`, `RunLogger`, `save_checkpoint`. A checkpoint is
+taken between steps; the algorithm's own state (adaptive beta, moving baseline) is stored in it, and
+the prompt order is a function of (seed, epoch), so a resumed run continues exactly
+where it stopped.
 
 An online algorithm adds to the engine's protocol (units / prepare / loss):
     rollout(model, prompt_rows) -> (rows, metrics)   rows for the updates, metrics of the rollout
@@ -25,16 +25,15 @@ An online algorithm adds to the engine's protocol (units / prepare / loss):
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from alignkit.config import option
-from alignkit.engine.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from alignkit.engine.checkpoint import save_checkpoint
 from alignkit.engine.logging import RunLogger
-from alignkit.engine.loop import Engine, _flat
+from alignkit.engine.loop import Engine
 from alignkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -90,25 +89,6 @@ def update(engine: Engine, model, algorithm, rows: list, epochs: int, optimizer,
     return out
 
 
-def _resume(engine: Engine, model, algorithm, optimizer, scheduler) -> int:
-    ckpts = checkpoint_dirs(engine.run_dir)
-    if not (engine.cfg.resume and ckpts):
-        return 0
-    start = load_checkpoint(engine.accelerator, ckpts[-1], model, optimizer, scheduler)
-    state = ckpts[-1] / "algorithm.json"
-    if state.is_file():
-        algorithm.load_state_dict(json.loads(state.read_text()))
-    log.info("resumed from %s (step %d)", ckpts[-1], start)
-    return start
-
-
-def _save(engine: Engine, step: int, model, algorithm, optimizer, scheduler) -> None:
-    acc = engine.accelerator
-    final = save_checkpoint(acc, engine.run_dir, step, model, optimizer, scheduler, engine.cfg.keep_checkpoints)
-    if acc.is_main_process:
-        (final / "algorithm.json").write_text(json.dumps(algorithm.state_dict()))
-
-
 def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: OnlineConfig, config: dict | None = None,
                desc: str = "rl"):
     """Run `online.steps` rollout-and-update steps; returns the unwrapped model."""
@@ -118,10 +98,10 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
     updates = online.steps * online.epochs * online.rollout_size // cfg.batch_size  # optimiser steps in the run
     optimizer, scheduler = engine.make_optimizer(model, updates)
     model, optimizer = acc.prepare(model, optimizer)
-    start = _resume(engine, model, algorithm, optimizer, scheduler)
-    if acc.is_main_process:
-        engine.run_dir.mkdir(parents=True, exist_ok=True)
-    acc.init_trackers("alignkit", config=_flat(config or {}))
+    start, state = engine.resume(model, optimizer, scheduler)
+    if start:
+        algorithm.load_state_dict(state)
+    engine.begin(config)
     with RunLogger(acc, engine.run_dir, online.steps, start, desc) as logger:
         for step in range(start + 1, online.steps + 1):
             prompts = prompt_batch(prompt_rows, step, online.prompts_per_step, cfg.seed)
@@ -134,6 +114,7 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
             if step % cfg.log_every == 0 or step == online.steps:
                 logger.log(step, metrics)
             if cfg.save_every and step % cfg.save_every == 0 and step < online.steps:
-                _save(engine, step, model, algorithm, optimizer, scheduler)
+                save_checkpoint(acc, engine.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints,
+                                algorithm.state_dict())
             logger.advance()
     return acc.unwrap_model(model)
