@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from alignkit.data.encode import text_ids  # noqa: E402
-from alignkit.data.jsonl import PROMPT_SCHEMA, SFT_SCHEMA, Field, Schema, read_jsonl, read_rows, write_jsonl  # noqa: E402
+from alignkit.data.jsonl import PROMPT_SCHEMA, SFT_SCHEMA, Field, Schema, read_jsonl, read_rows, write_json, write_jsonl  # noqa: E402
 from alignkit.data.sft import IGNORE_INDEX, SFTCollator, load_sft_dataset, num_target_tokens, pack, tokenize_sft  # noqa: E402
 from alignkit.errors import UserError  # noqa: E402
 from alignkit.models.tiny import tiny_tokenizer  # noqa: E402
@@ -186,6 +186,16 @@ def test_write_jsonl_is_atomic_utf8(tmp_path):
     write_jsonl(path, ({"i": i} for i in range(3)))
     assert [r["i"] for r in read_jsonl(path)] == [0, 1, 2]
     assert os.listdir(path.parent) == ["rows.jsonl"]
+
+
+def test_write_json_is_atomic_strict_json(tmp_path):
+    path = tmp_path / "out" / "summary.json"
+    write_json(path, {"kl": torch.tensor(0.25), "gold": float("nan"), "curve": [1.0, float("inf")]})
+    assert json.loads(path.read_text()) == {"kl": 0.25, "gold": None, "curve": [1.0, None]}  # no NaN tokens
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        write_json(path, {"bad": object()})
+    assert path.read_text() == before and os.listdir(path.parent) == ["summary.json"]
 
 
 # ---------------------------------------------------------------- SFT tokenisation

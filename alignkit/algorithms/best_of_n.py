@@ -16,7 +16,6 @@ reward-model directory, `vader`, or `package.module:function` (see `load_reward`
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 
 from alignkit.algorithms.policy_kl import decode, sample_sequences
 from alignkit.config import option
+from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_json, write_jsonl
 from alignkit.data.preferences import prompt_of
 from alignkit.errors import UserError
 from alignkit.models.load import ModelConfig, load_causal_lm, load_tokenizer
@@ -115,8 +115,6 @@ class BestOfNConfig:
 
 def prompt_rows(path: str, max_prompts: int | None, demo: str = "prompts_eval") -> list[dict]:
     """The first `max_prompts` rows of a prompt file; 'demo' = the embedded review prompts file `demo`."""
-    from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows
-
     if path == "demo":
         from alignkit.tasks.demo_data import build_demo_data
 
@@ -126,8 +124,6 @@ def prompt_rows(path: str, max_prompts: int | None, demo: str = "prompts_eval") 
 
 def run_best_of_n(cfg: BestOfNConfig) -> str:
     """Sample max(n) completions per prompt, report best-of-N for each N; returns the summary path."""
-    from alignkit.data.jsonl import write_jsonl
-
     tokenizer = load_tokenizer(cfg.model.path)
     rows = prompt_rows(cfg.prompts, cfg.max_prompts)
     score = load_reward(cfg.reward)
@@ -150,6 +146,4 @@ def run_best_of_n(cfg: BestOfNConfig) -> str:
         summary.append(line)
         log.info("best-of-%d: analytic KL %.3f nats, reward %.3f%s", n, line["kl_analytic"], line["reward"],
                  f", gold {line['gold']:.3f}" if "gold" in line else "")
-    path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=1) + "\n")
-    return str(path)
+    return str(write_json(out / "summary.json", summary))

@@ -25,7 +25,6 @@ Bradley-Terry loss of `alignkit rm` and the dpo / cdpo losses of `alignkit dpo` 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 from itertools import combinations
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 
 from alignkit.config import option
 from alignkit.data.constitution import Principle, load_constitution, sample_principles
+from alignkit.data.jsonl import iter_rows, write_json, write_jsonl
 from alignkit.data.preferences import prompt_fields, prompt_of
 from alignkit.errors import UserError
 from alignkit.eval.reward import gold_agreement
@@ -146,7 +146,6 @@ def read_prompt_rows(path: str, limit: int | None) -> list[dict]:
 
 def run_cai_revise(cfg: ReviseConfig) -> str:
     """Sample, critique and revise; returns the SFT dataset path (`output_dir/sft.jsonl`)."""
-    from alignkit.data.jsonl import write_jsonl
     from alignkit.models.load import load_causal_lm, load_tokenizer
 
     principles = load_constitution(cfg.constitution, cfg.principles)
@@ -174,7 +173,6 @@ def run_cai_revise(cfg: ReviseConfig) -> str:
 def pairs_to_judge(path: str) -> list[tuple[dict, str, str]]:
     """(base row, a, b) per comparison: a pairs file (a = chosen, b = rejected, old label dropped) or
     completion sets {prompt|messages, completions: [K]} (every C(K, 2) pair, a = the earlier one)."""
-    from alignkit.data.jsonl import iter_rows
     from alignkit.data.preferences import read_completion_sets, read_pairs
 
     first = next(iter_rows(path, None), (None, {}))[1]
@@ -288,7 +286,6 @@ def label_pairs(judge: PairwiseJudge, items: Sequence[tuple[dict, str, str]], pr
 
 def run_cai_label(cfg: CAILabelConfig) -> str:
     """Judge every pair of `input` in both orders; write soft-labelled pairs and the report."""
-    from alignkit.data.jsonl import write_jsonl
     from alignkit.feedback.ai_judge import load_pairwise_judge
     from alignkit.rewards.gold import load_judge
 
@@ -311,7 +308,7 @@ def run_cai_label(cfg: CAILabelConfig) -> str:
     report = {"input": path, "judge": cfg.judge.model.path, "principles": [p.name for p in principles],
               "chain_of_thought": cfg.judge.chain_of_thought, "gold": cfg.gold, **agreement_report(p_ab, p_ba, gap)}
     write_jsonl(cfg.output, rows)
-    report_path(cfg.output).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report_path(cfg.output), report)
     agreement = (f"; agreement with {cfg.gold}: single order {report['agreement_order_ab']:.3f}, both orders "
                  f"{report['agreement_swapped']:.3f}" if gold is not None else "")
     log.info("%d pairs labelled; same letter in both orders (position bias) on %.3f%s", len(rows),

@@ -38,6 +38,7 @@ from alignkit.algorithms.policy_kl import policy_kl
 from alignkit.algorithms.reference import Reference, cache_reference, disable_dropout, pair_logps, sequence_logps
 from alignkit.algorithms.sft import check_output_dir
 from alignkit.config import option, to_dict
+from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_json
 from alignkit.data.preference_tokens import collate_pairs, collate_sequences, load_pairs, load_unpaired
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
@@ -239,7 +240,6 @@ def _reference(cfg: DPOConfig, policy) -> Reference:
 
 def _kl_prompts(cfg: DPOConfig, eval_rows: list[dict] | None) -> list:
     if cfg.kl.prompts:
-        from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows
         from alignkit.data.preferences import prompt_of
 
         return [prompt_of(r) for r in read_rows(cfg.kl.prompts, PROMPT_SCHEMA)][: cfg.kl.samples]
@@ -257,7 +257,7 @@ def _final_kl(cfg: DPOConfig, model, reference: Reference, tokenizer, eval_rows,
     k = cfg.kl
     result = policy_kl(model, reference, tokenizer, prompts, k.max_new_tokens, k.batch_size, cfg.data.chat_template,
                        k.seed)
-    (out / "kl.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    write_json(out / "kl.json", result)
     log.info("KL(policy || reference) on %d held-out prompts: %.3f +- %.3f nats", len(prompts), result["kl"],
              result["kl_stderr"])
     return result

@@ -29,6 +29,7 @@ import torch
 
 from alignkit.algorithms.sft import check_output_dir
 from alignkit.config import option, to_dict
+from alignkit.data.jsonl import write_json
 from alignkit.data.preferences import comparison_groups, read_preferences
 from alignkit.data.reward_text import RewardEncoder
 from alignkit.engine.config import TrainConfig
@@ -219,7 +220,7 @@ def _finish(cfg: RewardModelConfig, model, tokenizer, algorithm, groups, eval_pa
     save_model(model, tokenizer, out)
     save_metadata(out / "model", meta)
     if eval_path:
-        (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(out / "eval.json", metrics)
     return metrics
 
 

@@ -2,6 +2,7 @@
 
     rows = read_rows("data/train.jsonl", SFT_SCHEMA)   # .jsonl / .json / .parquet / .csv
     write_jsonl("runs/x/samples.jsonl", rows)          # atomic: a crash never leaves half a file
+    write_json("runs/x/summary.json", summary)          # the same for one JSON document
 
 Errors are `UserError`s on one line, e.g.
     data/train.jsonl:17: not valid JSON (Expecting ',' delimiter at column 23)
@@ -13,18 +14,20 @@ name are kept (later stages pass them on as keyword arguments).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from alignkit.data.schema import PROMPT_SCHEMA, SFT_SCHEMA, Field, Schema, register_type  # noqa: F401
 from alignkit.errors import UserError
 
 __all__ = [
     "PROMPT_SCHEMA", "SFT_SCHEMA", "Field", "Schema", "register_type",
-    "iter_rows", "read_jsonl", "read_rows", "write_jsonl",
+    "atomic_open", "iter_rows", "read_jsonl", "read_rows", "write_json", "write_jsonl",
 ]
 
 JSON_LINES = (".jsonl", ".json")
@@ -165,15 +168,16 @@ def _to_json(value: Any) -> Any:
     raise TypeError(f"cannot write a {type(value).__name__} to JSON")
 
 
-def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
-    """Write rows as UTF-8 JSON lines atomically (temp file in the same folder, then os.replace)."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
+    """A text file to write `path` through: a temp file in the same folder, renamed over `path` only when
+    the block ends without an error, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, default=_to_json) + "\n")
+            yield f
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -183,4 +187,29 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Write rows as UTF-8 JSON lines, atomically."""
+    with atomic_open(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=_to_json) + "\n")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write one JSON document (reports, summaries, metadata), indented, atomically. NaN and infinities
+    become null, so the file is strict JSON (readable by browsers and jq)."""
+    with atomic_open(path) as f:
+        f.write(json.dumps(_finite(data), indent=1, ensure_ascii=False, default=_to_json) + "\n")
+    return Path(path)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from alignkit.data.jsonl import atomic_open
 from alignkit.errors import UserError
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -45,7 +46,8 @@ class RunLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         if accelerator.is_main_process and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            with atomic_open(self.path) as f:
+                f.write("".join(line + "\n" for line in kept))
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not accelerator.is_main_process)
         self.t_last, self.tokens = time.perf_counter(), 0
 

@@ -22,8 +22,6 @@ Metrics (flat keys, so reports and tables read them alike):
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,6 +29,7 @@ from typing import Literal
 import torch
 
 from alignkit.config import option, to_dict
+from alignkit.data.jsonl import write_json
 from alignkit.errors import UserError
 from alignkit.rewards.base import RewardConfig
 from alignkit.rollout.generate import SamplingConfig
@@ -155,25 +154,6 @@ def run_eval(cfg: EvalConfig) -> str:
     write_json(out, result)
     _print_summary(result, cfg.show)
     return str(out)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write atomically (temp file + rename), as every output of alignkit."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=1, ensure_ascii=False, default=float) + "\n")
-    tmp.replace(path)
-
-
-def _finite(value):
-    """NaN and infinities become null, so the file is strict JSON (readable by browsers and jq)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _print_summary(result: dict, show: int) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import option
+from alignkit.data.jsonl import atomic_open
 from alignkit.errors import UserError
 
 POSITIONAL = "runs"  # `alignkit report a b` = `alignkit report runs=[a,b]` (see alignkit.cli)
@@ -276,12 +277,9 @@ def write_report(run_dirs, out_path: str | Path = "report.html", samples: int = 
     body = "\n".join([f"<h1>{html.escape(title)}</h1>", f"<ul>{listing}</ul>", *_sections(runs, samples)])
     page = (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    with atomic_open(out_path) as f:
+        f.write(page)
+    return Path(out_path)
 
 
 def run_report(cfg: ReportConfig) -> str:

@@ -19,7 +19,6 @@ the data as `<name>.ceiling.json` with tau, the judge and the empirical agreemen
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from alignkit.config import option
-from alignkit.data.jsonl import write_jsonl
+from alignkit.data.jsonl import write_json, write_jsonl
 from alignkit.data.preferences import prompt_fields, prompt_of, read_completion_sets
 from alignkit.errors import UserError
 
@@ -126,7 +125,7 @@ def ceiling_path(data_path: str | Path) -> Path:
 
 def write_labelled(path: str | Path, rows: list[dict], report: dict) -> Path:
     write_jsonl(path, rows)
-    ceiling_path(path).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(ceiling_path(path), report)
     return Path(path)
 
 

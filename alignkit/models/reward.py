@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.data.jsonl import write_json
 from alignkit.errors import UserError
 from alignkit.models.load import LORA_TARGETS, LoraConfig, ModelConfig, default_device, from_pretrained, resolve_dtype
 
@@ -150,10 +151,7 @@ def reward_forward(model, batch: dict, chunk: int = 0) -> torch.Tensor:
 
 
 def save_metadata(model_dir: str | Path, meta: dict) -> None:
-    path = Path(model_dir) / METADATA
-    tmp = path.with_name(f".{METADATA}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json(Path(model_dir) / METADATA, meta)
 
 
 def load_metadata(model_dir: str | Path) -> dict:

@@ -20,7 +20,7 @@ import json
 import random
 from pathlib import Path
 
-from alignkit.data.jsonl import read_rows
+from alignkit.data.jsonl import read_rows, write_json
 from alignkit.feedback.simulated import gold_scores, pair_gaps, simulate, tau_for_ceiling, write_labelled
 from alignkit.tasks.embedded import alignkit_home
 
@@ -105,5 +105,5 @@ def build_preference_demo(force: bool = False) -> dict[str, Path]:
         write_labelled(paths[name], rows, reports[name])
     manifest = {"data_version": DATA_VERSION, "seed": SEED, "target_ceiling": TARGET_CEILING, "tau": tau,
                 "files": {name: {"rows": SIZES[name], **reports[name]} for name in SIZES}}
-    paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(paths["manifest"], manifest)
     return paths
