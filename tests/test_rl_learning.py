@@ -180,25 +180,47 @@ def test_nan_reward_from_the_cli(tiny_llama_dir, prompt_file, tmp_path):
     assert not (out / "model").exists()
 
 
-def test_grpo_two_processes_match_one(tiny_llama_dir, prompt_file, tmp_path):
-    """DDP: every process samples the same rollout (one seed) and trains on its share; the result is one process's."""
+def count_target_logged(prompts, completions, **row_fields):
+    """count_target, appending what it scored to $SCORE_LOG.<rank>."""
+    scores = count_target(prompts, completions)
+    with open(f"{os.environ['SCORE_LOG']}.{os.environ.get('RANK', '0')}", "a") as f:
+        f.write(json.dumps({"prompts": prompts, "completions": completions, "scores": scores}) + "\n")
+    return scores
+
+
+def test_grpo_two_processes_share_the_rollout(tiny_llama_dir, prompt_file, tmp_path):
+    """DDP: each process samples and scores its half of every step's prompts (whole groups), and trains on the
+    whole rollout gathered from both: the logged batch is the union of the two halves."""
     from test_engine import _free_port
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    args = [f"model.path={tiny_llama_dir}", f"prompts={prompt_file}", "reward.function=test_rl_learning:count_target",
-            "sampling.max_new_tokens=6", "online.steps=3", "online.chat_template=false", "train.lr=1e-3",
-            "train.batch_size=8", "train.micro_batch_size=4"]
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
-    launchers = {"one": [], "two": torchrun}
-    for name, launcher in launchers.items():
-        cmd = [sys.executable, *launcher, "-m", "alignkit.cli", "grpo", *args, f"output_dir={tmp_path / name}"]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-    one, two = ((tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in launchers)
-    assert [json.loads(line)["step"] for line in two] == [1, 2, 3]  # logged once, by the first process
-    assert [json.loads(line)["score_mean"] for line in one] == [json.loads(line)["score_mean"] for line in two]
-    a, b = (load_file(tmp_path / n / "model" / "model.safetensors") for n in launchers)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    log = tmp_path / "scored"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "SCORE_LOG": str(log)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "alignkit.cli", "grpo", f"model.path={tiny_llama_dir}", f"prompts={prompt_file}",
+           "reward.function=test_rl_learning:count_target_logged", "sampling.max_new_tokens=6", "online.steps=3",
+           "online.prompts_per_step=4", "online.chat_template=false", "train.lr=1e-3", "train.batch_size=8",
+           "train.micro_batch_size=4", f"output_dir={tmp_path / 'two'}"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # logged once, by the first process
+    ranks = [[json.loads(line) for line in Path(f"{log}.{rank}").read_text().splitlines()] for rank in (0, 1)]
+    for m, a, b in zip(metrics, *ranks):
+        assert len(a["prompts"]) == len(b["prompts"]) == 8  # 2 prompts x group of 4 each
+        assert len(set(a["prompts"]) | set(b["prompts"])) == 4  # disjoint halves of the step's 4 prompts
+        assert m["score_mean"] == pytest.approx(sum(a["scores"] + b["scores"]) / 16)  # the whole batch
+        assert m["logp_diff_max"] < 1e-3  # the gathered (re-padded) rows train as sampled
+    assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
+
+
+def test_prompts_split_evenly_over_processes():
+    from alignkit.engine.online import OnlineConfig
+
+    OnlineConfig(prompts_per_step=4, group_size=3).check(batch_size=4, processes=2)
+    with pytest.raises(UserError, match=r"online.prompts_per_step \(3\) must be a multiple of the number of "
+                                        r"processes \(2\)"):
+        OnlineConfig(prompts_per_step=3, group_size=4).check(batch_size=4, processes=2)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

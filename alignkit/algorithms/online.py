@@ -22,7 +22,7 @@ from alignkit.ops.logprobs import token_logps
 from alignkit.rewards.base import RewardConfig, build_reward
 from alignkit.rewards.kl import KL_CONTROLLERS
 from alignkit.rollout.generate import SamplingConfig
-from alignkit.rollout.rollout import Rollout, collect_rollout, stack_rows
+from alignkit.rollout.rollout import Rollout, collect_rollout, gather_rollout, stack_rows
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +102,20 @@ class OnlineAlgorithm:
         return model
 
     def collect(self, model, prompts: list[dict], value_fn=None) -> Rollout:
+        """The rollout of `prompts`. With several processes each samples and scores its share of the prompts
+        (whole groups), and every process then holds the whole rollout: advantages, whitening, baselines,
+        metrics and the KL controller see the whole batch, the same on every process."""
         from alignkit.engine.loop import resolve_precision
-        from alignkit.models.load import unwrap
+        from alignkit.models.load import process_state, unwrap
 
-        c = self.cfg
-        return collect_rollout(unwrap(self.policy_of(unwrap(model))), self.tokenizer, prompts, self.reward,
-                               c.sampling, group_size=c.online.group_size, reference=self.reference,
-                               need_ref=c.kl.beta > 0, value_fn=value_fn, no_eos_penalty=c.reward.no_eos_penalty,
-                               chat_template=c.online.chat_template, monitor=self.monitor,
-                               rescore=resolve_precision(c.train.precision) != "no")
+        c, state = self.cfg, process_state()
+        mine = prompts[state.process_index :: state.num_processes]
+        r = collect_rollout(unwrap(self.policy_of(unwrap(model))), self.tokenizer, mine, self.reward,
+                            c.sampling, group_size=c.online.group_size, reference=self.reference,
+                            need_ref=c.kl.beta > 0, value_fn=value_fn, no_eos_penalty=c.reward.no_eos_penalty,
+                            chat_template=c.online.chat_template, monitor=self.monitor,
+                            rescore=resolve_precision(c.train.precision) != "no")
+        return gather_rollout(r, state) if state.num_processes > 1 else r
 
     def rollout_metrics(self, r: Rollout) -> dict:
         """Score mean/std, length, sampled entropy -mean log pi(a_t), and (with a reference) the

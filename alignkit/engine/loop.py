@@ -65,7 +65,10 @@ class Engine:
         # On a CPU, deterministic algorithms make a seed give the same run (at no cost measured here): the
         # backward of indexing (e.g. a group's shared prompt cache) otherwise sums rows in thread order.
         # On a GPU torch's default stays (determinism there costs speed and needs cuBLAS settings).
-        set_seed(cfg.seed, deterministic=self.accelerator.device.type == "cpu")
+        # Each process its own seed (seed + rank; one process: the seed), so that processes sampling RL rollouts
+        # draw independent samples; weights initialised at random (LoRA, heads) are rank 0's, which DDP
+        # broadcasts when the model is prepared.
+        set_seed(cfg.seed, device_specific=True, deterministic=self.accelerator.device.type == "cpu")
 
     # ---- one optimiser step -------------------------------------------------------------------
     def _my_rows(self, rows: list) -> list:

@@ -51,10 +51,13 @@ class OnlineConfig:
     def rollout_size(self) -> int:
         return self.prompts_per_step * self.group_size
 
-    def check(self, batch_size: int) -> None:
+    def check(self, batch_size: int, processes: int = 1) -> None:
         for name in ("steps", "prompts_per_step", "group_size", "epochs"):
             if getattr(self, name) < 1:
                 raise UserError(f"online.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prompts_per_step % processes:
+            raise UserError(f"online.prompts_per_step ({self.prompts_per_step}) must be a multiple of the number of "
+                            f"processes ({processes}): each samples an equal share of the prompts")
         if self.rollout_size % batch_size:
             raise UserError(f"the rollout batch (online.prompts_per_step x group_size = {self.rollout_size}) must be "
                             f"a multiple of train.batch_size ({batch_size}), the minibatch of one optimiser step")
@@ -93,7 +96,7 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
                desc: str = "rl"):
     """Run `online.steps` rollout-and-update steps; returns the unwrapped model."""
     cfg, acc = engine.cfg, engine.accelerator
-    online.check(cfg.batch_size)
+    online.check(cfg.batch_size, acc.num_processes)
     model.train()
     updates = online.steps * online.epochs * online.rollout_size // cfg.batch_size  # optimiser steps in the run
     optimizer, scheduler = engine.make_optimizer(model, updates)

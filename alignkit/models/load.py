@@ -60,12 +60,17 @@ def cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def default_device() -> torch.device:
-    """This process's accelerator, where every stage loads its models: accelerate's `PartialState` (the GPU of
-    this rank under torchrun, else the one GPU, MPS, or the CPU)."""
+def process_state():
+    """accelerate's `PartialState` of this process: its rank, the number of processes and its device."""
     from accelerate import PartialState
 
-    return PartialState(cpu=cpu_processes()).device
+    return PartialState(cpu=cpu_processes())
+
+
+def default_device() -> torch.device:
+    """This process's accelerator, where every stage loads its models (the GPU of this rank under torchrun,
+    else the one GPU, MPS, or the CPU)."""
+    return process_state().device
 
 
 def resolve_dtype(name: str, trained: bool = False) -> torch.dtype:

@@ -64,6 +64,28 @@ class Rollout:
         return out
 
 
+def gather_rollout(r: Rollout, state) -> Rollout:
+    """The rollouts of all processes (`state`: accelerate's PartialState), each of its own share of the
+    prompts, as one Rollout on every process, in process order: prompts left-padded and responses
+    right-padded to the widest, group indices offset so that each prompt keeps its own."""
+    from accelerate.utils import gather, pad_across_processes
+
+    groups = int(r.group.max()) + 1  # every process holds the same number of prompts
+    out = {}
+    for f in fields(r):
+        v = getattr(r, f.name)
+        if v is None:
+            continue
+        device, v = v.device, v.to(state.device)  # NCCL gathers on the GPU
+        if f.name == "group":
+            v = v + state.process_index * groups
+        if v.dim() == 2:  # zeros pad: masks False, log-probs and values 0 (ids under a False mask are never read);
+            # accelerate's padding turns a bool tensor into int64 (zeros + 0), hence the cast back
+            v = pad_across_processes(v, dim=1, pad_first=f.name.startswith("prompt")).to(v.dtype)
+        out[f.name] = gather(v).to(device)
+    return Rollout(**out)
+
+
 def stack_rows(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Rows of one rollout (same P and A) back into (b, ...) tensors: a micro-batch."""
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
