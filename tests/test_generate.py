@@ -343,3 +343,16 @@ def test_nucleus_prefilter_is_exact(monkeypatch):
     fast = draw()
     monkeypatch.setattr(sampling, "NUCLEUS_PREFILTER", 10**9)
     assert torch.equal(fast, draw())
+
+
+def test_batches_draw_different_samples(tok):
+    """One seeded generator runs through the batches of `generate` / `rollout`: the same prompt in two
+    batches gets two samples (a generator re-seeded per batch repeated them), and the seed fixes the run."""
+    from alignkit.rollout.stage import sample_rows
+
+    model = tiny_llama()
+    rows = [{"prompt": "hello there"}] * 4
+    cfg = SamplingConfig(max_new_tokens=6, seed=0)
+    one_by_one = [r["completion"] for r in sample_rows(model, tok, rows, cfg, batch_size=1, chat=False)]
+    assert len(set(one_by_one)) == 4, one_by_one
+    assert [r["completion"] for r in sample_rows(model, tok, rows, cfg, batch_size=1, chat=False)] == one_by_one

@@ -26,7 +26,7 @@ Bradley-Terry loss of `alignkit rm` and the dpo / cdpo losses of `alignkit dpo` 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Sequence
@@ -42,7 +42,7 @@ from alignkit.errors import UserError
 from alignkit.eval.reward import gold_agreement
 from alignkit.feedback.ai_judge import JudgeConfig, PairwiseJudge
 from alignkit.models.load import ModelConfig
-from alignkit.rollout.generate import SamplingConfig, generate_text
+from alignkit.rollout.generate import SamplingConfig, generate_text, sampling_generator
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +69,17 @@ def revision_messages(prompt, response: str, principle: Principle, critique: str
 
 
 class _Sampler:
-    """Chat-template generation in batches; each batch gets its own seed (seed + batch number)."""
+    """Chat-template generation in batches; one generator (seeded by `sampling.seed`) runs through them all."""
 
     def __init__(self, model, tokenizer, sampling: SamplingConfig, batch_size: int):
         self.model, self.tokenizer, self.sampling, self.batch_size = model, tokenizer, sampling, batch_size
-        self.calls = 0
+        self.generator = sampling_generator(sampling, next(model.parameters()).device)
 
     def __call__(self, conversations: Sequence[list[dict]], desc: str) -> list[str]:
         out: list[str] = []
         for i in tqdm(range(0, len(conversations), self.batch_size), desc=desc, unit="batch"):
-            seed = None if self.sampling.seed is None else self.sampling.seed + self.calls
-            self.calls += 1
             texts = generate_text(self.model, self.tokenizer, conversations[i : i + self.batch_size],
-                                  replace(self.sampling, seed=seed), chat=True)
+                                  self.sampling, chat=True, generator=self.generator)
             out += [t.strip() for t in texts]
         return out
 

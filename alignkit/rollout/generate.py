@@ -106,7 +106,9 @@ def _eos_tensor(eos_token_id, device) -> torch.Tensor | None:
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
-def _generator(cfg: SamplingConfig, generator, device) -> torch.Generator | None:
+def sampling_generator(cfg: SamplingConfig, device, generator=None) -> torch.Generator | None:
+    """`generator` if given, else one seeded from `cfg.seed`, else None (torch's global generator). Callers that
+    sample in batches make one and pass it to every batch, so that batches draw different samples."""
     if generator is not None or cfg.seed is None:
         return generator
     return torch.Generator(device=device).manual_seed(cfg.seed)
@@ -158,7 +160,7 @@ def generate(
                 top_p=cfg.top_p,
                 min_new_tokens=cfg.min_new_tokens,
                 eos_ids=eos,
-                generator=_generator(cfg, generator, input_ids.device),
+                generator=sampling_generator(cfg, input_ids.device, generator),
             )
             out = _decode(model, input_ids, attention_mask, cfg.max_new_tokens, chooser, pad_token_id)
     return Generation(*(t.clone() for t in out))  # clones are ordinary tensors, not inference tensors
@@ -255,7 +257,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def generate_text(model, tokenizer, prompts: Sequence, cfg: SamplingConfig, chat: bool = True) -> list[str]:
+def generate_text(model, tokenizer, prompts: Sequence, cfg: SamplingConfig, chat: bool = True,
+                  generator: torch.Generator | None = None) -> list[str]:
     """Completions (special tokens removed) for string prompts or lists of {"role", "content"} messages.
 
     With `chat` and a tokenizer that has a chat template, a string becomes one user message; message
@@ -273,6 +276,6 @@ def generate_text(model, tokenizer, prompts: Sequence, cfg: SamplingConfig, chat
     input_ids, attention_mask = left_pad(rows, pad_id)
     device = next(model.parameters()).device
     out = generate(model, input_ids.to(device), attention_mask.to(device), cfg,
-                   eos_token_id=eos or None, pad_token_id=pad_id)
+                   eos_token_id=eos or None, pad_token_id=pad_id, generator=generator)
     ids = [row[mask].tolist() for row, mask in zip(out.response_ids.cpu(), out.response_mask.cpu())]
     return tokenizer.batch_decode(ids, skip_special_tokens=True)

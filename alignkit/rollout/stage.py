@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from alignkit.config import option
 from alignkit.models.load import ModelConfig, load_causal_lm, load_tokenizer
-from alignkit.rollout.generate import SamplingConfig, generate_text
+from alignkit.rollout.generate import SamplingConfig, generate_text, sampling_generator
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,15 @@ def prompt_of(row: dict):
 
 def sample_rows(model, tokenizer, rows: list[dict], sampling: SamplingConfig, batch_size: int, chat: bool,
                 desc: str = "generate") -> list[dict]:
-    """Each input row with a `completion` added, generated in batches with a progress bar."""
+    """Each input row with a `completion` added, generated in batches with a progress bar; one generator
+    (seeded by `sampling.seed`) runs through all batches, so the samples do not depend on the batch size's
+    split of equal prompts."""
     out = []
+    generator = sampling_generator(sampling, next(model.parameters()).device)
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         batch = rows[i : i + batch_size]
-        texts = generate_text(model, tokenizer, [prompt_of(r) for r in batch], sampling, chat=chat)
+        texts = generate_text(model, tokenizer, [prompt_of(r) for r in batch], sampling, chat=chat,
+                              generator=generator)
         out.extend({**r, "completion": t} for r, t in zip(batch, texts))
     return out
 
