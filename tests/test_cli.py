@@ -54,6 +54,14 @@ def test_resumed_run_logs_changed_settings(tmp_path, caplog):
         ("train.batch_size=two", "train.batch_size: expected an integer, got 'two'"),
         ("train.schedule=cubic", "train.schedule: 'cubic' is not one of 'cosine', 'linear', 'constant'"),
         ("train.batch_size=6", "train.batch_size (6) must be a multiple of train.micro_batch_size (8)"),
+        ("train.lr=inf", "train.lr must be in (0, inf), got inf"),  # trained to an all-NaN model, exit 0
+        ("train.lr=nan", "train.lr must be in (0, inf), got nan"),
+        ("train.lr=-1", "train.lr must be in (0, inf), got -1.0"),
+        ("train.adam_betas=[2,3]", "train.adam_betas must be in [0, 1), got 2.0"),
+        ("train.weight_decay=-1", "train.weight_decay must be in [0, inf), got -1.0"),
+        ("train.max_grad_norm=0", "train.max_grad_norm must be in (0, inf), got 0.0"),
+        ("train.seed=-1", "train.seed must be in [0, 4294967295], got -1"),
+        ("train.log_every=0", "train.log_every must be in [1, inf), got 0"),
     ],
 )
 def test_bad_config_values(override, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,7 +36,7 @@ class TrainConfig:
     )
     seed: int = option(0, "Seed for data order, initialisation and sampling")
     save_every: int = option(0, "Write a resumable checkpoint every N steps (0 = none before the end)")
-    keep_checkpoints: int = option(2, "How many recent checkpoints to keep on disk")
+    keep_checkpoints: int = option(2, "How many recent checkpoints to keep on disk (0 = all)")
     eval_every: int = option(0, "Evaluate on held-out data every N steps (0 = only at the end)")
     log_every: int = option(1, "Log metrics every N steps")
     resume: bool = option(False, "Continue from the latest checkpoint in the output directory")
@@ -55,8 +56,19 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         check_interval("train.warmup_ratio", self.warmup_ratio, 0, 1, "[)")
+        check_interval("train.lr", self.lr, 0, math.inf, "()")
+        check_interval("train.adam_eps", self.adam_eps, 0, math.inf, "()")
+        check_interval("train.weight_decay", self.weight_decay, 0, math.inf, "[)")
+        if self.max_grad_norm is not None:
+            check_interval("train.max_grad_norm", self.max_grad_norm, 0, math.inf, "()")
+        check_interval("train.seed", self.seed, 0, 2**32 - 1)
+        check_interval("train.log_every", self.log_every, 1, None)
+        for name in ("save_every", "eval_every", "keep_checkpoints"):
+            check_interval(f"train.{name}", getattr(self, name), 0, None)
         if len(self.adam_betas) != 2:
             raise UserError(f"train.adam_betas needs two numbers, got {self.adam_betas}")
+        for beta in self.adam_betas:
+            check_interval("train.adam_betas", beta, 0, 1, "[)")
         unknown = set(self.report_to) - {"auto", "tensorboard", "wandb", "mlflow"}
         if unknown:
             raise UserError(f"train.report_to: unknown tracker(s) {sorted(unknown)}; use tensorboard, wandb, mlflow")
