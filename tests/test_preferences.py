@@ -192,6 +192,52 @@ def test_vader_judge_and_label_command(tmp_path):
     assert report["ceiling"] == pytest.approx(0.8) and len(read_pairs(tmp_path / "pairs.jsonl")) == 3
 
 
+def test_prompt_ids_never_collide(tmp_path):
+    """A row without ids gets its row number as prompt id; when that equals another row's own id, the pairs'
+    ids would collide (and `alignkit rm` would refuse the file): refused here, naming the rows."""
+    rows = [{"prompt": "first", "completions": ["a", "b"], "ranking": [0, 1]},
+            {"prompt": "second", "completions": ["c", "d"], "ranking": [0, 1], "prompt_id": "0"}]
+    assert error_of(rankings_to_pairs, rows, "r.jsonl") == (
+        "r.jsonl: rows 1 and 2 both get the prompt id '0' (a row without prompt_id or id gets its 0-based row "
+        "number); give every row its own prompt_id")
+    rows[1]["prompt_id"] = None  # null counts as no id: row numbers 0 and 1
+    assert [p["id"] for p in rankings_to_pairs(rows)] == ["0:0>1", "1:0>1"]
+    sets = [{k: v for k, v in r.items() if k != "ranking"} for r in rows]
+    sets[0]["id"] = 1
+    with pytest.raises(UserError, match="rows 1 and 2 both get the prompt id"):
+        label_pairs(sets, [[0.0, 1.0], [1.0, 0.0]], 0.1, 0)
+
+
+def test_relabelled_rankings_become_plain_pairs(tmp_path):
+    """Fields a pair derives (ranking, gold, label, margin, chosen, ...) are not carried over from the set:
+    labelling a rankings file again gave pairs with a `ranking`, which then read as rankings."""
+    src = lines(tmp_path / "r.jsonl", [{"prompt": "p", "completions": ["Great!", "Awful."], "ranking": [1, 0],
+                                        "gold": [0.1, 0.2], "label": 0.3, "margin": 2, "topic": "x"}])
+    out = tmp_path / "pairs.jsonl"
+    run_label(LabelConfig(input=str(src), output=str(out)))
+    (pair,) = read_pairs(out)
+    assert {"ranking", "gold", "label", "margin"}.isdisjoint(pair) and pair["topic"] == "x" and pair["chosen"] == "Great!"
+
+
+def nan_judge(text):
+    return float("nan")
+
+
+def text_judge(text):
+    return "good"
+
+
+@pytest.mark.parametrize("judge, message", [
+    ("test_preferences:nan_judge", "the gold judge gave a non-finite score (nan) to 2 of 2 completions, e.g. 'a'"),
+    ("test_preferences:text_judge", "judge test_preferences:text_judge returned 'good' for 'a'; it must return a number"),
+])
+def test_bad_gold_scores_are_errors(tmp_path, judge, message):
+    src = lines(tmp_path / "c.jsonl", [{"prompt": "p", "completions": ["a", "b"]}])
+    with pytest.raises(UserError) as e:
+        run_label(LabelConfig(input=str(src), output=str(tmp_path / "o.jsonl"), judge=judge))
+    assert str(e.value) == message and not (tmp_path / "o.jsonl").exists()
+
+
 def test_demo_preferences(tmp_path, monkeypatch):
     """Simulated VADER labels on the embedded reviews: sizes, ceiling ~0.9, no held-out text in training."""
     import importlib.util

@@ -32,7 +32,7 @@ import logging
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Sequence
 
 from alignkit.config import option
 from alignkit.data.jsonl import iter_rows, write_jsonl
@@ -205,20 +205,43 @@ def prompt_fields(row: dict) -> dict:
     return {"messages": row["messages"]} if row.get("messages") is not None else {"prompt": row["prompt"]}
 
 
-def rankings_to_pairs(rows: Iterable[dict]) -> list[dict]:
+# What a pair derives from its completion set; a set's own fields of these names are not carried over.
+_DERIVED = {"prompt", "messages", "completions", "ranking", "id", "prompt_id", "chosen", "rejected",
+            "chosen_gold", "rejected_gold", "label", "margin"}
+
+
+def carried_fields(row: dict) -> dict:
+    """The fields of a completion set or ranking that its pairs carry over (e.g. a category or a source);
+    `gold` too unless it is one score per completion (then it becomes `chosen_gold` / `rejected_gold`)."""
+    derived = _DERIVED | ({"gold"} if gold_scores(row) else set())
+    return {k: v for k, v in row.items() if k not in derived}
+
+
+def set_prompt_ids(rows: Sequence[dict], where: str) -> list:
+    """Each completion set's prompt id: its `prompt_id`, else its `id`, else its 0-based row number.
+    UserError when two sets would share one (e.g. a row number equal to another row's own id), since the
+    pairs' ids "<prompt_id>:<winner>><loser>" would then collide; compared as text, as in those ids."""
+    ids, first = [], {}
+    for n, row in enumerate(rows):
+        pid = next((row[k] for k in ("prompt_id", "id") if row.get(k) is not None), n)
+        if first.setdefault(str(pid), n) != n:
+            raise UserError(f"{where}: rows {first[str(pid)] + 1} and {n + 1} both get the prompt id {pid!r} (a row "
+                            "without prompt_id or id gets its 0-based row number); give every row its own prompt_id")
+        ids.append(pid)
+    return ids
+
+
+def rankings_to_pairs(rows: Sequence[dict], where: str = "rankings") -> list[dict]:
     """All C(K, 2) pairs of every ranking, tied pairs dropped, better completion first.
 
-    Each pair keeps the ranking's other fields, its prompt (`prompt` or `messages`), a `prompt_id`
-    (the ranking's `prompt_id`, else its `id`, else its 0-based row number) and an `id`
-    "<prompt_id>:<winner>><loser>" naming the two completion indices; a per-completion `gold` list
-    becomes `chosen_gold` / `rejected_gold`.
+    Each pair keeps the ranking's other fields (`carried_fields`), its prompt (`prompt` or `messages`), a
+    `prompt_id` (`set_prompt_ids`) and an `id` "<prompt_id>:<winner>><loser>" naming the two completion
+    indices; a per-completion `gold` list becomes `chosen_gold` / `rejected_gold`.
     """
     pairs = []
-    for n, row in enumerate(rows):
-        pid = row.get("prompt_id", row.get("id", n))
+    for row, pid in zip(rows, set_prompt_ids(rows, where)):
         gold = gold_scores(row)
-        drop = ("prompt", "messages", "completions", "ranking", "id") + (("gold",) if gold else ())
-        extra = {k: v for k, v in row.items() if k not in drop}
+        extra = carried_fields(row)
         levels = ranking_levels(row["ranking"], len(row["completions"]))
         for better, worse in combinations(range(len(levels)), 2):
             for w in levels[better]:
@@ -303,7 +326,7 @@ class RankingsToPairsConfig:
 
 def run_rankings_to_pairs(cfg: RankingsToPairsConfig) -> str:
     rows = read_rankings(cfg.input)
-    pairs = rankings_to_pairs(rows)
+    pairs = rankings_to_pairs(rows, cfg.input)
     write_jsonl(cfg.output, pairs)
     log.info("%d rankings -> %d pairs (ties dropped) in %s", len(rows), len(pairs), cfg.output)
     return cfg.output

@@ -30,7 +30,7 @@ import numpy as np
 
 from alignkit.config import option
 from alignkit.data.jsonl import write_json, write_jsonl
-from alignkit.data.preferences import prompt_fields, prompt_of, read_completion_sets
+from alignkit.data.preferences import carried_fields, prompt_fields, prompt_of, read_completion_sets, set_prompt_ids
 from alignkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,17 @@ def gold_scores(judge, rows: list[dict]) -> list[list[float]]:
     texts = [c for r in rows for c in r["completions"]]
     keys = sorted({k for r in rows for k in r} - {"prompt", "messages", "completions", "ranking"})
     fields = {k: [r.get(k) for r in rows for _ in r["completions"]] for k in keys}
-    flat = [float(s) for s in judge.score(prompts, texts, **fields)]
+    scores = judge.score(prompts, texts, **fields)
+    try:
+        flat = [float(s) for s in scores]
+    except (TypeError, ValueError):
+        raise UserError(f"the gold judge must return numbers, got {list(scores)[:3]!r}") from None
+    if len(flat) != len(texts):
+        raise UserError(f"the gold judge returned {len(flat)} scores for {len(texts)} completions")
+    bad = [i for i, s in enumerate(flat) if not math.isfinite(s)]
+    if bad:
+        raise UserError(f"the gold judge gave a non-finite score ({flat[bad[0]]}) to {len(bad)} of {len(flat)} "
+                        f"completions, e.g. {texts[bad[0]]!r:.60}")
     out, i = [], 0
     for r in rows:
         out.append(flat[i : i + len(r["completions"])])
@@ -82,17 +92,16 @@ def gold_scores(judge, rows: list[dict]) -> list[list[float]]:
     return out
 
 
-def label_pairs(rows: list[dict], gold: list[list[float]], tau: float, seed: int) -> list[dict]:
+def label_pairs(rows: list[dict], gold: list[list[float]], tau: float, seed: int, where: str = "input") -> list[dict]:
     """Every C(K, 2) pair of each completion set, labelled independently with Bradley–Terry noise.
 
-    Pairs keep the row's other fields, get a `prompt_id` (the row's, else its `id`, else its index)
-    and the gold scores of both sides (`chosen_gold`, `rejected_gold`).
+    Pairs keep the row's other fields (`carried_fields`), get a `prompt_id` (`set_prompt_ids`) and the
+    gold scores of both sides (`chosen_gold`, `rejected_gold`).
     """
     rng = np.random.default_rng(seed)
     pairs = []
-    for n, (row, g) in enumerate(zip(rows, gold)):
-        pid = row.get("prompt_id", row.get("id", n))
-        extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", "completions", "id", "prompt_id")}
+    for row, g, pid in zip(rows, gold, set_prompt_ids(rows, where)):
+        extra = carried_fields(row)
         for a, b in combinations(range(len(g)), 2):
             w, l = plackett_luce_order(np.array([g[a], g[b]]), tau, rng)
             w, l = (a, b)[w], (a, b)[l]
@@ -130,10 +139,10 @@ def write_labelled(path: str | Path, rows: list[dict], report: dict) -> Path:
 
 
 def simulate(rows: list[dict], gold: list[list[float]], mode: str, tau: float, seed: int,
-             judge_name: str) -> tuple[list[dict], dict]:
+             judge_name: str, where: str = "input") -> tuple[list[dict], dict]:
     """Label completion sets as `pairs` or `rankings`; returns the labelled rows and their ceiling report."""
     if mode == "pairs":
-        out = label_pairs(rows, gold, tau, seed)
+        out = label_pairs(rows, gold, tau, seed, where)
         gaps = [p["chosen_gold"] - p["rejected_gold"] for p in out]
     else:
         out = rank_plackett_luce(rows, gold, tau, seed)
@@ -173,7 +182,7 @@ def run_label(cfg: LabelConfig) -> str:
     rows = read_completion_sets(cfg.input)
     gold = gold_scores(judge, rows)
     tau = tau_for_ceiling(pair_gaps(gold), cfg.target_ceiling) if cfg.target_ceiling is not None else cfg.tau
-    out, report = simulate(rows, gold, cfg.mode, tau, cfg.seed, cfg.judge)
+    out, report = simulate(rows, gold, cfg.mode, tau, cfg.seed, cfg.judge, cfg.input)
     write_labelled(cfg.output, out, report)
     log.info("%d %s (tau %.4g): accuracy ceiling %.4f, labels agree with the gold order on %.4f",
              len(out), cfg.mode, report["tau"], report["ceiling"], report["empirical_agreement"])

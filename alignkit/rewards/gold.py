@@ -24,7 +24,14 @@ class TextFunctionJudge:
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
 
     def score(self, prompts: Sequence, completions: Sequence[str], **row_fields) -> torch.Tensor:
-        return torch.tensor([float(self.fn(text)) for text in completions], dtype=torch.float64)
+        return torch.tensor([self._number(text) for text in completions], dtype=torch.float64)
+
+    def _number(self, text: str) -> float:
+        value = self.fn(text)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"judge {self.name} returned {value!r} for {text!r:.60}; it must return a number") from None
 
     __call__ = score
 

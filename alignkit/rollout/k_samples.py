@@ -1,7 +1,7 @@
 """`alignkit rollout`: sample K completions per prompt from a policy into a file ready for labelling.
 
 Each output row is the prompt row plus `completions` (K sampled texts) and a `prompt_id` (the row's
-own, else its `id`, else its 0-based index): the completion-set format of `data.preferences`, which
+own, else its `id`, else its 0-based index; no two alike): the completion-set format of `data.preferences`, which
 `alignkit label` (simulated labelers) ranks or pairs, and the labelling web app will show to people.
 """
 
@@ -38,19 +38,22 @@ class RolloutConfig:
 
 
 def sample_k(model, tokenizer, rows: list[dict], k: int, sampling: SamplingConfig, batch_size: int,
-             chat: bool) -> list[dict]:
-    """Each row with `completions` (k samples) and a `prompt_id`; rows with an empty sample are dropped."""
+             chat: bool, where: str = "prompts") -> list[dict]:
+    """Each row with `completions` (k samples) and a `prompt_id` (`set_prompt_ids`); rows with an empty sample
+    are dropped."""
+    from alignkit.data.preferences import set_prompt_ids
     from alignkit.rollout.stage import sample_rows
 
+    ids = set_prompt_ids(rows, where)
     repeated = [row for row in rows for _ in range(k)]
     done = sample_rows(model, tokenizer, repeated, sampling, batch_size, chat, desc=f"rollout x{k}")
     out, empty = [], 0
-    for n, row in enumerate(rows):
+    for n, (row, pid) in enumerate(zip(rows, ids)):
         texts = [d["completion"] for d in done[n * k : (n + 1) * k]]
         if not all(texts):
             empty += 1
             continue
-        out.append({**row, "completions": texts, "prompt_id": row.get("prompt_id", row.get("id", n))})
+        out.append({**row, "completions": texts, "prompt_id": pid})
     if empty:
         log.warning("dropped %d of %d prompts with an empty completion (raise sampling.min_new_tokens)",
                     empty, len(rows))
@@ -64,7 +67,7 @@ def run_rollout(cfg: RolloutConfig) -> str:
     tokenizer = load_tokenizer(cfg.model.path)  # a wrong model path fails before any other work
     rows = read_prompts(cfg.prompts, "prompts_train", cfg.max_prompts)
     model = load_causal_lm(cfg.model, trainable=False)
-    out = sample_k(model, tokenizer, rows, cfg.k, cfg.sampling, cfg.batch_size, cfg.chat_template)
+    out = sample_k(model, tokenizer, rows, cfg.k, cfg.sampling, cfg.batch_size, cfg.chat_template, cfg.prompts)
     if not out:
         raise UserError("every prompt got an empty completion; raise sampling.min_new_tokens or check the model")
     write_jsonl(cfg.output, out)
