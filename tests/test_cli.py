@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from alignkit.algorithms.sft import SFTConfig
-from alignkit.cli import main
+from alignkit.cli import STAGES, main
 from alignkit.config import load_config, save_config, to_dict, to_yaml
 from alignkit.errors import UserError
 
@@ -16,6 +16,13 @@ def test_help_lists_stages(capsys):
     out = capsys.readouterr().out
     for stage in ("sft", "generate", "demo"):
         assert stage in out
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_prints_its_config(stage, capsys):
+    """`--print-config` needs no settings (required paths are checked when the stage runs)."""
+    assert main([*stage.split(), "--print-config"]) == 0
+    assert "\n" in capsys.readouterr().out
 
 
 def test_print_config_is_documented_yaml(capsys):

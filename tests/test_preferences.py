@@ -8,7 +8,7 @@ import pytest
 
 from alignkit.config import load_config
 from alignkit.data.preferences import (
-    RankingsToPairsConfig, comparison_groups, rankings_to_pairs, read_completion_sets, read_pairs, read_preferences,
+    RankingsToPairsConfig, comparison_groups, rankings_to_pairs, run_rankings_to_pairs, read_completion_sets, read_pairs, read_preferences,
     read_rankings,
 )
 from alignkit.errors import UserError
@@ -137,7 +137,9 @@ def test_rankings_to_pairs_command(tmp_path):
     bad = lines(tmp_path / "bad.jsonl", [{"prompt": "q", "completions": ["a", "b"], "ranking": [0, 2]}])
     assert cli.main(["data", "rankings-to-pairs", f"input={bad}", f"output={out}"]) == 2
     with pytest.raises(UserError, match="set both input"):
-        load_config(RankingsToPairsConfig, None, [f"input={src}"])
+        run_rankings_to_pairs(load_config(RankingsToPairsConfig, None, [f"input={src}"]))
+    with pytest.raises(UserError, match="is the input file"):  # it would be overwritten
+        run_rankings_to_pairs(load_config(RankingsToPairsConfig, None, [f"input={src}", f"output={src}"]))
 
 
 # ------------------------------------------------------------------------------------- simulated labelers

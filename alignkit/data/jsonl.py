@@ -27,7 +27,7 @@ from alignkit.errors import UserError
 
 __all__ = [
     "PROMPT_SCHEMA", "SFT_SCHEMA", "Field", "Schema", "register_type",
-    "atomic_open", "iter_rows", "read_jsonl", "read_rows", "write_json", "write_jsonl",
+    "atomic_open", "check_io", "iter_rows", "read_jsonl", "read_rows", "write_json", "write_jsonl",
 ]
 
 JSON_LINES = (".jsonl", ".json")
@@ -166,6 +166,15 @@ def _to_json(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"cannot write a {type(value).__name__} to JSON")
+
+
+def check_io(input: str | None, output: str | None, hint: str) -> None:
+    """At the start of a run (not in the config's validation, so that `--print-config` works without them):
+    both paths set, and the output not the input (it would be overwritten)."""
+    if not input or not output:
+        raise UserError(f"set {hint}")
+    if Path(output).resolve() == Path(input).resolve():
+        raise UserError(f"output={output} is the input file; write the result elsewhere")
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from alignkit.config import option
-from alignkit.data.jsonl import iter_rows, write_jsonl
+from alignkit.data.jsonl import check_io, iter_rows, write_jsonl
 from alignkit.data.schema import Field, Schema, _is_number, _prompt_messages, register_type, type_name
 from alignkit.errors import UserError
 
@@ -319,12 +319,9 @@ class RankingsToPairsConfig:
     input: str | None = option(None, "Rankings file: {prompt|messages, completions: [K], ranking} rows")
     output: str | None = option(None, "Where to write the pairs: {prompt|messages, chosen, rejected, prompt_id, id}")
 
-    def validate(self):
-        if not self.input or not self.output:
-            raise UserError("set both input=RANKINGS.jsonl and output=PAIRS.jsonl")
-
 
 def run_rankings_to_pairs(cfg: RankingsToPairsConfig) -> str:
+    check_io(cfg.input, cfg.output, "both input=RANKINGS.jsonl and output=PAIRS.jsonl")
     rows = read_rankings(cfg.input)
     pairs = rankings_to_pairs(rows, cfg.input)
     write_jsonl(cfg.output, pairs)

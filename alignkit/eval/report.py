@@ -46,8 +46,6 @@ class ReportConfig:
     title: str = option("alignkit report", "Title of the report")
 
     def validate(self):
-        if not self.runs:
-            raise UserError("name at least one run directory: alignkit report RUN_DIR [RUN_DIR ...]")
         if self.samples < 0:
             raise UserError(f"samples must be >= 0, got {self.samples}")
 
@@ -283,6 +281,8 @@ def write_report(run_dirs, out_path: str | Path = "report.html", samples: int = 
 
 
 def run_report(cfg: ReportConfig) -> str:
+    if not cfg.runs:
+        raise UserError("name at least one run directory: alignkit report RUN_DIR [RUN_DIR ...]")
     runs = [load_run(r) for r in cfg.runs]
     out = write_report(runs, cfg.output, cfg.samples, cfg.title)
     print(summary_table(runs))

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from alignkit.config import option
-from alignkit.data.jsonl import write_json, write_jsonl
+from alignkit.data.jsonl import check_io, write_json, write_jsonl
 from alignkit.data.preferences import carried_fields, prompt_fields, prompt_of, read_completion_sets, set_prompt_ids
 from alignkit.errors import UserError
 
@@ -169,8 +169,6 @@ class LabelConfig:
     seed: int = option(0, "Seed of the label noise")
 
     def validate(self):
-        if not self.input or not self.output:
-            raise UserError("set both input=COMPLETIONS.jsonl and output=LABELLED.jsonl")
         if not self.tau > 0:
             raise UserError(f"tau must be > 0, got {self.tau}")
 
@@ -178,6 +176,7 @@ class LabelConfig:
 def run_label(cfg: LabelConfig) -> str:
     from alignkit.rewards.gold import load_judge
 
+    check_io(cfg.input, cfg.output, "both input=COMPLETIONS.jsonl and output=LABELLED.jsonl")
     judge = load_judge(cfg.judge)
     rows = read_completion_sets(cfg.input)
     gold = gold_scores(judge, rows)

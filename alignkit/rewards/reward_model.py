@@ -85,22 +85,24 @@ class ScoreConfig:
                         "AutoModelForSequenceClassification)")
     input: str | None = option(None, "JSONL of {prompt|messages, completion} rows to score")
     output: str | None = option(None, "Where to write the rows with the reward added; null = <input>.scored.jsonl")
-    field: str = option("reward", "Name of the added field")
+    field: str = option("reward", "Name of the added field (not prompt, messages or completion)")
     normalize: bool = option(True, "Apply the stored gain and bias (mean 0, std 1 on the reference set); false = raw")
     batch_size: int = option(16, "Texts per forward pass")
 
     def validate(self):
-        if not self.input:
-            raise UserError("set input=FILE.jsonl (rows with prompt or messages, and completion)")
+        if not self.field or self.field in ("prompt", "messages", "completion"):
+            raise UserError(f"field={self.field!r} would overwrite the rows' own text; name the added field otherwise")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def run_score(cfg: ScoreConfig) -> str:
-    from alignkit.data.jsonl import read_rows, write_jsonl
+    from alignkit.data.jsonl import check_io, read_rows, write_jsonl
     from alignkit.data.preferences import prompt_of
     from alignkit.data.schema import Field, Schema
 
+    output = cfg.output or (cfg.input and str(Path(cfg.input).with_suffix("")) + ".scored.jsonl")
+    check_io(cfg.input, output, "input=FILE.jsonl (rows with prompt or messages, and completion)")
     schema = Schema(what="a row to score", variants=({"prompt": Field("str"), "completion": Field("str")},
                                                       {"messages": Field("messages"), "completion": Field("str")}))
     rows = read_rows(cfg.input, schema)
@@ -108,7 +110,6 @@ def run_score(cfg: ScoreConfig) -> str:
     rewards = rm.score([prompt_of(r) for r in rows], [r["completion"] for r in rows]).tolist()
     if rm.encoder.truncated:
         log.warning("%d texts were longer than the reward model's max_length and were cut", rm.encoder.truncated)
-    output = cfg.output or str(Path(cfg.input).with_suffix("")) + ".scored.jsonl"
     write_jsonl(output, [{**r, cfg.field: v} for r, v in zip(rows, rewards)])
     t = torch.tensor(rewards)
     log.info("scored %d rows: mean %.4f, std %.4f -> %s", len(rows), t.mean(), t.std(unbiased=False), output)
