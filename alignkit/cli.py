@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"alignkit {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that cannot be written or read: not a bug, one line
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        print(f"alignkit {args.stage}: error: {where + ': ' if where else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"alignkit {args.stage}: interrupted", file=sys.stderr)
         return 130

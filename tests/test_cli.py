@@ -126,6 +126,23 @@ def test_malformed_jsonl_one_line_exit_2(tiny_llama_dir, tmp_path):
     assert not out.exists(), "nothing may be written for a run that failed on its input"
 
 
+def test_unwritable_outputs_exit_2(tiny_llama_dir, tmp_path):
+    """Outputs that cannot be written: one line naming the path (an atomic writer's temp name was shown, or a
+    traceback from mkdir)."""
+    a_file = tmp_path / "sft.jsonl"
+    a_file.write_text('{"prompt": "a", "completion": "b"}\n' * 8)
+    res = _cli("sft", f"model.path={tiny_llama_dir}", f"data.train={a_file}", f"output_dir={a_file}/run")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+        f"alignkit sft: error: {a_file}/run: Not a directory")
+    rankings = tmp_path / "r.jsonl"
+    rankings.write_text('{"prompt": "q", "completions": ["a", "b"], "ranking": [0, 1]}\n')
+    for output, why in ((tmp_path, "it is a directory; name a file"),
+                        (a_file / "p.jsonl", f"{a_file} is a file, not a directory")):
+        res = _cli("data", "rankings-to-pairs", f"input={rankings}", f"output={output}")
+        assert res.returncode == 2 and res.stderr.strip() == (
+            f"alignkit data rankings-to-pairs: error: cannot write {output}: {why}")
+
+
 def test_unknown_key_and_missing_model_exit_2(tmp_path):
     res = _cli("sft", "train.lrr=1")
     assert res.returncode == 2 and "did you mean 'train.lr'" in res.stderr and "Traceback" not in res.stderr
