@@ -215,3 +215,17 @@ def test_lora_sft_saves_adapter_and_merged_model(tiny_llama_dir, sft_files, tmp_
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
         with adapted.disable_adapter():
             assert not torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+
+
+def test_a_failed_run_starts_again_in_place(tmp_path):
+    """Only a saved model or checkpoint makes output_dir a run to protect: a run that stopped before either
+    (e.g. on a NaN reward) left config.yaml and metrics.jsonl, which blocked the corrected re-run."""
+    from alignkit.algorithms.sft import check_output_dir
+
+    (tmp_path / "config.yaml").write_text("train: {}\n")
+    (tmp_path / "metrics.jsonl").write_text("")
+    check_output_dir(tmp_path, resume=False)
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(UserError, match=r"already holds a run \(checkpoints/\)"):
+        check_output_dir(tmp_path, resume=False)
+    check_output_dir(tmp_path, resume=True)

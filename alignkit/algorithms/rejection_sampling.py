@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from alignkit.algorithms.best_of_n import load_reward, prompt_rows, sample_and_score
-from alignkit.algorithms.sft import SFT, check_output_dir
+from alignkit.algorithms.sft import SFT
 from alignkit.config import option, save_config, to_dict
 from alignkit.data.preferences import prompt_of
 from alignkit.engine.config import TrainConfig
@@ -100,7 +100,8 @@ def run_round(model, tokenizer, prompts: list[dict], score, cfg: RejectionSampli
 def run_rejection_sampling(cfg: RejectionSamplingConfig) -> Path:
     """R rounds of sample / keep the best / fine-tune; returns `output_dir/model`."""
     out = Path(cfg.output_dir)
-    check_output_dir(out, False)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output_dir {out} is not empty, and rejection sampling does not resume: pick another")
     tokenizer = load_tokenizer(cfg.model.path)
     prompts = prompt_rows(cfg.prompts, cfg.max_prompts, demo="prompts_train")
     score = load_reward(cfg.reward)

@@ -71,8 +71,12 @@ def _data_paths(cfg: SFTDataConfig) -> tuple[str, str | None]:
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
-    if not resume and out.exists() and any(out.iterdir()):
-        raise UserError(f"output_dir {out} already holds a run; set train.resume=true to continue it or pick another")
+    """A new run may not overwrite one that saved something (its model or a checkpoint); a run that stopped
+    before either (say, on a bad reward) can be started again in the same place."""
+    kept = next((p for p in ("model", "checkpoints") if (out / p).exists()), None)
+    if not resume and kept:
+        raise UserError(f"output_dir {out} already holds a run ({kept}/); set train.resume=true to continue it or "
+                        "pick another")
 
 
 def run_sft(cfg: SFTConfig) -> Path:
