@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from alignkit.algorithms.dpo import DPOConfig, DPODataConfig, KLEvalConfig, PairPreference, run_dpo
+from alignkit.errors import UserError
 from alignkit.algorithms.policy_kl import policy_kl
 from alignkit.algorithms.reference import Reference, cache_reference, pair_logps, sequence_logps
 from alignkit.data.preference_tokens import (
@@ -164,6 +165,16 @@ def _run(tmp_path, files, loss, lora=0, steps=12, **kw):
     run_dpo(cfg)
     lines = [json.loads(x) for x in (tmp_path / f"run-{loss}" / "metrics.jsonl").read_text().splitlines()]
     return lines, json.loads((tmp_path / f"run-{loss}" / "kl.json").read_text())
+
+
+def test_bad_kl_prompts_fail_before_training(tmp_path, pair_files, tiny_llama_dir):
+    """The KL prompts are read with the data: a bad file was found after training, and the model was lost."""
+    cfg = DPOConfig(model=ModelConfig(tiny_llama_dir), data=DPODataConfig(train=pair_files[0], eval=None),
+                    kl=KLEvalConfig(prompts=str(tmp_path / "missing.jsonl")), output_dir=str(tmp_path / "run"),
+                    train=TrainConfig(batch_size=8, micro_batch_size=8, max_steps=2, report_to=[]))
+    with pytest.raises(UserError, match="missing.jsonl: file not found"):
+        run_dpo(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_dpo_learns_the_preference(tmp_path, pair_files, tiny_llama_dir):

@@ -37,7 +37,7 @@ import torch
 from alignkit.algorithms.policy_kl import policy_kl
 from alignkit.algorithms.reference import Reference, cache_reference, disable_dropout, pair_logps, sequence_logps
 from alignkit.algorithms.sft import check_output_dir
-from alignkit.config import option, to_dict
+from alignkit.config import check_interval, option, to_dict
 from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_json
 from alignkit.data.preference_tokens import collate_pairs, collate_sequences, load_pairs, load_unpaired
 from alignkit.engine.config import TrainConfig
@@ -68,6 +68,10 @@ class KLEvalConfig:
     max_new_tokens: int = option(64, "Longest sampled completion")
     batch_size: int = option(16, "Prompts per generation batch")
     seed: int = option(0, "Seed of the sampler")
+
+    def validate(self):
+        for name, low in (("samples", 0), ("max_new_tokens", 1), ("batch_size", 1)):
+            check_interval(f"kl.{name}", getattr(self, name), low, None)
 
 
 @dataclass(frozen=True)
@@ -247,8 +251,7 @@ def _kl_prompts(cfg: DPOConfig, eval_rows: list[dict] | None) -> list:
     return list(unique.values())[: cfg.kl.samples]
 
 
-def _final_kl(cfg: DPOConfig, model, reference: Reference, tokenizer, eval_rows, out: Path) -> dict | None:
-    prompts = _kl_prompts(cfg, eval_rows) if cfg.kl.samples else []
+def _final_kl(cfg: DPOConfig, model, reference: Reference, tokenizer, prompts: list, out: Path) -> dict | None:
     if not prompts:
         return None
     if reference.model is None and not is_peft(model):  # full fine-tuning scored against the initial weights
@@ -272,6 +275,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows, eval_rows = _load_rows(cfg, tokenizer)
+    kl_prompts = _kl_prompts(cfg, eval_rows) if cfg.kl.samples else []  # read now: a bad file fails before training
     model = load_causal_lm(cfg.model, cfg.lora)
     disable_dropout(model)
     reference = _reference(cfg, model)
@@ -289,7 +293,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
                  metrics.get("eval/rewards/accuracy", float("nan")))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _final_kl(cfg, model, reference, tokenizer, eval_rows, out)
+        _final_kl(cfg, model, reference, tokenizer, kl_prompts, out)
         save_model(model, tokenizer, out)
     acc.wait_for_everyone()
     return out / "model"
