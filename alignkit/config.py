@@ -20,12 +20,14 @@ import yaml
 from alignkit.errors import UserError
 
 
-def option(default: Any, help: str) -> Any:
-    """A config field with a default and a one-line docstring (`help`)."""
+def option(default: Any, help: str, low: float | None = None) -> Any:
+    """A config field with a default and a one-line docstring (`help`); `low`: the smallest value allowed
+    (checked whenever the field is set; null stays allowed where the type allows it)."""
+    metadata = {"help": help, "low": low}
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
         value = default
-        return dataclasses.field(default_factory=lambda: _copy(value), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: _copy(value), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _copy(value):
@@ -120,6 +122,10 @@ def _build(cls: type, data: dict, prefix: str = ""):
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise UserError(f"unknown config key '{prefix}{key}'{hint}")
     kwargs = {k: _coerce(_with_default(cls, k, v), hints[k], prefix + k) for k, v in data.items()}
+    low = {f.name: f.metadata.get("low") for f in dataclasses.fields(cls)}
+    for k, v in kwargs.items():
+        if low[k] is not None and v is not None:
+            check_interval(prefix + k, v, low[k], None)
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:

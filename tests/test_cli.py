@@ -69,9 +69,14 @@ def test_resumed_run_logs_changed_settings(tmp_path, caplog):
         ("train.max_grad_norm=0", "train.max_grad_norm must be in (0, inf), got 0.0"),
         ("train.seed=-1", "train.seed must be in [0, 4294967295], got -1"),
         ("train.log_every=0", "train.log_every must be in [1, inf), got 0"),
+        ("data.max_rows=-1", "data.max_rows must be in [1, inf), got -1"),  # dropped the last row
+        ("data.max_rows=null", None),  # null stays allowed
     ],
 )
 def test_bad_config_values(override, message):
+    if message is None:
+        load_config(SFTConfig, None, [override])
+        return
     with pytest.raises(UserError) as e:
         load_config(SFTConfig, None, [override])
     assert str(e.value) == message

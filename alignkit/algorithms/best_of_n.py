@@ -103,8 +103,8 @@ class BestOfNConfig:
     gold: str | None = option(None, "Gold judge that also scores the chosen completions (e.g. 'vader'); null = none")
     n: list[int] = option([1, 4, 16], "Values of N to report; the largest is sampled, smaller ones reuse its samples")
     sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=64, seed=0), "Decoding settings")
-    batch_size: int = option(16, "Sequences per generation batch")
-    max_prompts: int | None = option(64, "Use only the first N prompts")
+    batch_size: int = option(16, "Sequences per generation batch", low=1)
+    max_prompts: int | None = option(64, "Use only the first N prompts", low=1)
     chat_template: bool = option(True, "Wrap prompts in the tokenizer's chat template")
     output_dir: str = option("runs/best_of_n", "Where to write best_n{N}.jsonl and summary.json")
 

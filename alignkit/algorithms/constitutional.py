@@ -124,16 +124,14 @@ class ReviseConfig:
     rounds: int = option(1, "Critique -> revision rounds per prompt (R); each draws a principle at random")
     sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=96, temperature=0.7, seed=0),
                                       "Decoding of responses, critiques and revisions")
-    batch_size: int = option(16, "Conversations per generation batch")
-    max_prompts: int | None = option(None, "Use only the first N prompts")
+    batch_size: int = option(16, "Conversations per generation batch", low=1)
+    max_prompts: int | None = option(None, "Use only the first N prompts", low=1)
     seed: int = option(0, "Seed of the principle draws")
     output_dir: str = option("runs/cai_revise", "Writes traces.jsonl (every step) and sft.jsonl (final revisions)")
 
     def validate(self):
         if self.rounds < 1:
             raise UserError(f"rounds must be >= 1, got {self.rounds}")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def read_prompt_rows(path: str, limit: int | None) -> list[dict]:
@@ -250,7 +248,7 @@ class CAILabelConfig:
     constitution: str | None = option(None, "Constitution YAML/JSON; null = the default "
                                       "(alignkit/data/constitution.yaml)")
     principles: list[str] | None = option(None, "Use only these principles (by name); one is drawn per pair")
-    max_pairs: int | None = option(None, "Label only the first N pairs")
+    max_pairs: int | None = option(None, "Label only the first N pairs", low=1)
     chunk: int = option(64, "Pairs judged between progress updates")
     seed: int = option(0, "Seed of the principle draws")
     gold: str | None = option(None, "Gold judge to report agreement with (e.g. 'vader'); null = none")

@@ -58,7 +58,7 @@ class DPODataConfig:
                                       "null = no evaluation")
     max_length: int = option(512, "Longest prompt + completion in tokens; longer ones are cut from the right")
     chat_template: bool = option(True, "Wrap rows in the tokenizer's chat template (prompt = user turn)")
-    max_rows: int | None = option(None, "Use only the first N training rows (quick runs)")
+    max_rows: int | None = option(None, "Use only the first N training rows (quick runs)", low=1)
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,11 @@ class KLEvalConfig:
     prompts: str | None = option(None, "Held-out {prompt} or {messages} JSONL; null = the prompts of data.eval")
     samples: int = option(64, "Prompts to sample one completion each for (0 = no KL estimate)")
     max_new_tokens: int = option(64, "Longest sampled completion")
-    batch_size: int = option(16, "Prompts per generation batch")
+    batch_size: int = option(16, "Prompts per generation batch", low=1)
     seed: int = option(0, "Seed of the sampler")
 
     def validate(self):
-        for name, low in (("samples", 0), ("max_new_tokens", 1), ("batch_size", 1)):
+        for name, low in (("samples", 0), ("max_new_tokens", 1)):
             check_interval(f"kl.{name}", getattr(self, name), low, None)
 
 

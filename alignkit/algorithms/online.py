@@ -64,7 +64,7 @@ class OnlineStageConfig:
     lora: LoraConfig = option(LoraConfig(), "LoRA adapter (r = 0: full fine-tuning with a frozen reference copy)")
     reference: str | None = option(None, "Reference model dir for full fine-tuning; null = model.path")
     prompts: str = option("demo", "JSONL of {prompt} or {messages} rows (+ fields for the reward); 'demo' = reviews")
-    max_prompts: int | None = option(None, "Use only the first N prompts")
+    max_prompts: int | None = option(None, "Use only the first N prompts", low=1)
     reward: RewardConfig = option(RewardConfig(), "Reward sources (model, judge, function); at least one")
     gold: str | None = option(None, "Gold judge ('vader' or 'package.module:text_function') whose mean score of "
                               "each rollout batch is logged as gold_mean, never optimised (the report's "

@@ -57,7 +57,7 @@ class RMDataConfig:
                              "(their first token and their end are kept)")
     chat_template: bool = option(True, "Render prompt + completion with the tokenizer's chat template when it has one; "
                                  "otherwise the tokenizer's text-pair encoding")
-    max_rows: int | None = option(None, "Use only the first N training elements (pairs, or prompts with kwise)")
+    max_rows: int | None = option(None, "Use only the first N training elements (pairs, or prompts with kwise)", low=1)
 
 
 @dataclass(frozen=True)

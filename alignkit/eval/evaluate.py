@@ -59,7 +59,7 @@ class EvalConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "Weight dtype of the models")
     prompts: str = option("demo", "JSONL of {prompt} or {messages} rows (+ reward fields, references); "
                           "'demo' = embedded held-out review prompts")
-    max_prompts: int | None = option(64, "Use only the first N prompts")
+    max_prompts: int | None = option(64, "Use only the first N prompts", low=1)
     gold: GoldRewardConfig = option(GoldRewardConfig(), "Gold reward (true quality); unset every source for none")
     proxy: RewardConfig = option(RewardConfig(), "Proxy reward the policy was optimised for (e.g. proxy.model="
                                  "runs/rm/model); unset = none")
@@ -73,7 +73,7 @@ class EvalConfig:
     msstr_segment: int = option(100, "Segment length (words) of the MSSTR diversity metric")
     sampling: EvalSampling = option(EvalSampling(), "Decoding of the evaluated completions; the KL uses them at "
                                     "temperature 1 without top-k/top-p, else draws its own such samples")
-    batch_size: int = option(16, "Sequences per generation / scoring batch")
+    batch_size: int = option(16, "Sequences per generation / scoring batch", low=1)
     chat_template: bool = option(True, "Wrap prompts in the tokenizer's chat template")
     method: str | None = option(None, "Method name shown in the report (e.g. ppo); null = the run directory's name")
     step: int | None = option(None, "Training step of this policy (its point on the report's curves); null = final")
@@ -83,8 +83,6 @@ class EvalConfig:
 
     def validate(self):
         self.sampling.validate()
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.msstr_segment < 1:
             raise UserError(f"msstr_segment must be >= 1, got {self.msstr_segment}")
         if self.judge is not None:

@@ -50,14 +50,10 @@ ROLE_NAMES = {"system": "System", "user": "Human", "assistant": "Assistant"}
 class JudgeConfig:
     model: ModelConfig = option(ModelConfig(), "Feedback model that answers the (A)/(B) question")
     chat_template: bool = option(True, "Ask through the model's chat template; false = plain text (a base model)")
-    batch_size: int = option(8, "Judge prompts per forward pass (each pair costs two: both orders)")
+    batch_size: int = option(8, "Judge prompts per forward pass (each pair costs two: both orders)", low=1)
     chain_of_thought: bool = option(False, "Write a rationale before answering; probabilities clamped to [0.4, 0.6]")
     rationale: SamplingConfig = option(SamplingConfig(max_new_tokens=96, do_sample=False),
                                        "Decoding of the chain-of-thought rationale")
-
-    def validate(self):
-        if self.batch_size < 1:
-            raise UserError(f"judge.batch_size must be >= 1, got {self.batch_size}")
 
 
 def format_conversation(prompt) -> str:

@@ -87,13 +87,11 @@ class ScoreConfig:
     output: str | None = option(None, "Where to write the rows with the reward added; null = <input>.scored.jsonl")
     field: str = option("reward", "Name of the added field (not prompt, messages or completion)")
     normalize: bool = option(True, "Apply the stored gain and bias (mean 0, std 1 on the reference set); false = raw")
-    batch_size: int = option(16, "Texts per forward pass")
+    batch_size: int = option(16, "Texts per forward pass", low=1)
 
     def validate(self):
         if not self.field or self.field in ("prompt", "messages", "completion"):
             raise UserError(f"field={self.field!r} would overwrite the rows' own text; name the added field otherwise")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def run_score(cfg: ScoreConfig) -> str:

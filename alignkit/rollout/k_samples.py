@@ -26,15 +26,13 @@ class RolloutConfig:
     k: int = option(4, "Completions per prompt (K >= 2)")
     sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=64, min_new_tokens=1, seed=0),
                                       "Decoding settings (sampling, so the K completions differ)")
-    batch_size: int = option(16, "Sequences per generation batch")
-    max_prompts: int | None = option(None, "Use only the first N prompts")
+    batch_size: int = option(16, "Sequences per generation batch", low=1)
+    max_prompts: int | None = option(None, "Use only the first N prompts", low=1)
     chat_template: bool = option(True, "Wrap prompts in the tokenizer's chat template")
 
     def validate(self):
         if self.k < 2:
             raise UserError(f"k must be >= 2 (a ranking compares at least two completions), got {self.k}")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def sample_k(model, tokenizer, rows: list[dict], k: int, sampling: SamplingConfig, batch_size: int,

@@ -21,8 +21,8 @@ class GenerateConfig:
     prompts: str = option("demo", "JSONL of {prompt} or {messages} rows; 'demo' = embedded held-out review prompts")
     output: str | None = option(None, "Where to write {prompt, completion, ...} JSONL; null = print only")
     sampling: SamplingConfig = option(SamplingConfig(), "Decoding settings")
-    batch_size: int = option(16, "Prompts per generation batch")
-    max_prompts: int | None = option(None, "Use only the first N prompts")
+    batch_size: int = option(16, "Prompts per generation batch", low=1)
+    max_prompts: int | None = option(None, "Use only the first N prompts", low=1)
     chat_template: bool = option(True, "Wrap prompts in the tokenizer's chat template")
     show: int = option(3, "Print this many samples at the end")
 
