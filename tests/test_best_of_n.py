@@ -60,6 +60,18 @@ def test_sample_and_score_returns_n_scored_completions():
     assert seen["ref"] == [1, 1, 1, 2, 2, 2]  # the rows' other fields reach the reward source
 
 
+def test_a_nan_reward_is_an_error():
+    """best-of-N and rejection sampling picked (and fine-tuned on) samples by NaN rewards, exit 0."""
+    from alignkit.errors import UserError
+
+    def nan_reward(prompts, completions, **fields):
+        return [float("nan")] * len(completions)
+
+    with pytest.raises(UserError, match=r"the reward gave a non-finite score \(nan\) to 2 of 2 completions"):
+        sample_and_score(tiny_llama(), tiny_tokenizer(), [{"prompt": "review abc"}], nan_reward, 2,
+                         SamplingConfig(max_new_tokens=4, seed=0))
+
+
 def test_best_of_n_stage(tmp_path, tiny_llama_dir):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {w}"} for w in ("abc", "def", "ghi")])
     cfg = BestOfNConfig(model=ModelConfig(tiny_llama_dir), prompts=str(prompts), reward="test_best_of_n:n_chars",

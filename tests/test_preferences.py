@@ -230,7 +230,8 @@ def text_judge(text):
 
 
 @pytest.mark.parametrize("judge, message", [
-    ("test_preferences:nan_judge", "the gold judge gave a non-finite score (nan) to 2 of 2 completions, e.g. 'a'"),
+    ("test_preferences:nan_judge", "the gold judge gave a non-finite score (nan) to 2 of 2 completions, e.g. 'a' to "
+                                   "the prompt 'p'"),
     ("test_preferences:text_judge", "judge test_preferences:text_judge returned 'good' for 'a'; it must return a number"),
 ])
 def test_bad_gold_scores_are_errors(tmp_path, judge, message):

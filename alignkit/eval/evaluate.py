@@ -172,10 +172,9 @@ def _print_summary(result: dict, show: int) -> None:
 def generate_seqs(model, tokenizer, prompts: list, sampling: SamplingConfig, batch_size: int, chat_template: bool):
     """One completion per prompt: [(prompt_ids, completion_ids)], sampled in batches with one generator."""
     from alignkit.algorithms.policy_kl import sample_sequences
+    from alignkit.rollout.generate import sampling_generator
 
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(sampling.seed)
+    generator = sampling_generator(sampling, next(model.parameters()).device)
     seqs = []
     for i in range(0, len(prompts), batch_size):
         seqs += sample_sequences(model, tokenizer, prompts[i : i + batch_size], sampling, chat_template, generator)

@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 
 from alignkit.config import option
 from alignkit.data.jsonl import check_io, write_json, write_jsonl
 from alignkit.data.preferences import carried_fields, prompt_fields, prompt_of, read_completion_sets, set_prompt_ids
 from alignkit.errors import UserError
+from alignkit.rewards.base import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +83,7 @@ def gold_scores(judge, rows: list[dict]) -> list[list[float]]:
         raise UserError(f"the gold judge must return numbers, got {list(scores)[:3]!r}") from None
     if len(flat) != len(texts):
         raise UserError(f"the gold judge returned {len(flat)} scores for {len(texts)} completions")
-    bad = [i for i, s in enumerate(flat) if not math.isfinite(s)]
-    if bad:
-        raise UserError(f"the gold judge gave a non-finite score ({flat[bad[0]]}) to {len(bad)} of {len(flat)} "
-                        f"completions, e.g. {texts[bad[0]]!r:.60}")
+    check_finite(torch.tensor(flat), prompts, texts, "the gold judge")
     out, i = [], 0
     for r in rows:
         out.append(flat[i : i + len(r["completions"])])

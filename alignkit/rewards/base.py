@@ -54,6 +54,16 @@ class WeightedSum:
     __call__ = score
 
 
+def check_finite(scores: torch.Tensor, prompts: Sequence, completions: Sequence[str], what: str = "the reward") -> None:
+    """UserError on a NaN or infinite score: it would turn advantages, losses, a best-of-N choice or a label
+    into noise (and an RL update every weight into NaN)."""
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise UserError(f"{what} gave a non-finite score ({scores[i].item()}) to {int(bad.sum())} of "
+                        f"{len(completions)} completions, e.g. {completions[i]!r:.60} to the prompt {prompts[i]!r:.60}")
+
+
 def length_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
     """Responses that hit the length limit without EOS get `penalty` as their score instead
     (Ziegler et al. 2019 used -1 for samples that did not end; null keeps their score)."""

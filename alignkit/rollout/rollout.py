@@ -23,7 +23,6 @@ import torch
 
 from alignkit.data.preference_tokens import prompt_ids
 from alignkit.data.preferences import prompt_of
-from alignkit.errors import UserError
 from alignkit.models.forward import prefix_forward, unique_prompts
 from alignkit.models.load import is_peft, on_device_of, unwrap
 from alignkit.ops.logprobs import token_logps
@@ -142,7 +141,7 @@ def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: Sampl
     the sampler's. Under bf16 the sampler's cached decoding and the full forward differ by about 1e-2 in
     log-prob, which PPO's ratio would read as a policy change; in float32 they agree to about 1e-5.
     """
-    from alignkit.rewards.base import length_penalty
+    from alignkit.rewards.base import check_finite, length_penalty
 
     device = next(unwrap(policy).parameters()).device
     rows = [row for row in rows for _ in range(group_size)]
@@ -155,11 +154,7 @@ def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: Sampl
     extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "messages")}
     prompts = [prompt_of(r) for r in rows]
     scores = reward.score(prompts, texts, **extra).float().cpu()
-    bad = ~torch.isfinite(scores)
-    if bad.any():  # a NaN reward would turn the advantages, the loss and then every weight into NaN
-        i = int(bad.nonzero()[0])
-        raise UserError(f"the reward gave a non-finite score ({scores[i].item()}) to {int(bad.sum())} of "
-                        f"{len(texts)} completions, e.g. {texts[i]!r:.60} to the prompt {prompts[i]!r:.60}")
+    check_finite(scores, prompts, texts)
     scores = length_penalty(scores, _ended(gen, {tokenizer.eos_token_id}), no_eos_penalty)
     group = torch.arange(len(rows) // group_size).repeat_interleave(group_size)
     out = Rollout(ids, mask, gen.response_ids, gen.response_mask, gen.logps, torch.zeros_like(gen.logps),
