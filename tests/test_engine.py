@@ -208,6 +208,11 @@ def test_lora_sft_saves_adapter_and_merged_model(tiny_llama_dir, sft_files, tmp_
                         "train.report_to=[tensorboard]", "model.dtype=float32"))  # the merge, exactly
     assert res.returncode == 0, res.stderr
     assert list(out.rglob("events.out.tfevents.*")), "TensorBoard events should be written"
+    umask = os.umask(0)
+    os.umask(umask)
+    for saved in ("model", "adapter"):  # readable by others as the umask allows (mkdtemp made them 0700)
+        assert (out / saved).stat().st_mode & 0o777 == 0o777 & ~umask
+        assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in (out / saved).iterdir())
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out / "adapter")
     ids = torch.tensor([[5, 6, 7, 8]])

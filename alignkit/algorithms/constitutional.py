@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from alignkit.config import option
 from alignkit.data.constitution import Principle, load_constitution, sample_principles
-from alignkit.data.jsonl import iter_rows, write_json, write_jsonl
+from alignkit.data.jsonl import check_io, iter_rows, write_json, write_jsonl
 from alignkit.data.preferences import prompt_fields, prompt_of
 from alignkit.errors import UserError
 from alignkit.eval.reward import gold_agreement
@@ -285,8 +285,7 @@ def run_cai_label(cfg: CAILabelConfig) -> str:
     from alignkit.feedback.ai_judge import load_pairwise_judge
     from alignkit.rewards.gold import load_judge
 
-    if not cfg.input or not cfg.output:
-        raise UserError("set both input=PAIRS_OR_COMPLETIONS.jsonl (or input=demo) and output=LABELLED.jsonl")
+    check_io(cfg.input, cfg.output, "both input=PAIRS_OR_COMPLETIONS.jsonl (or input=demo) and output=LABELLED.jsonl")
     principles = load_constitution(cfg.constitution, cfg.principles)
     gold = load_judge(cfg.gold) if cfg.gold else None
     path = cfg.input

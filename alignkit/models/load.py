@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from alignkit.config import option
+from alignkit.config import check_interval, option
 from alignkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class LoraConfig:
     def validate(self):
         if self.r < 0:
             raise UserError(f"lora.r must be >= 0, got {self.r}")
+        check_interval("lora.alpha", self.alpha, 0, None, "()")  # 0 trains an adapter that does nothing
+        check_interval("lora.dropout", self.dropout, 0, 1, "[)")
 
 
 def cpu_processes() -> bool:
@@ -174,6 +176,16 @@ def is_peft(model) -> bool:
     return isinstance(unwrap(model), PeftModel)
 
 
+def make_readable(root: Path) -> None:
+    """mkdtemp creates 0700 and some writers (safetensors) 0600: give a written model directory the usual
+    umask-based permissions, so that others can read what was saved."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written temp dir to `final`, replacing any old one without a half-written moment."""
     if final.exists():
@@ -205,5 +217,6 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
         m.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        make_readable(tmp)
         replace_dir(tmp, out_dir / name)
     return out_dir / "model"

