@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -177,3 +178,16 @@ def test_hub_name_not_available_offline_exit_2(args, tiny_llama_dir, tmp_path, m
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"alignkit {args[0]}: error: could not load") and f"'{MISSING}'" in last
+
+
+def test_a_run_directory_given_as_a_model_names_its_model(tiny_llama_dir, tmp_path):
+    """A run directory where a model directory belongs (`reward.model=runs/rm`) failed deep in the tokenizer."""
+    from alignkit.models.load import load_tokenizer
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    for f in Path(tiny_llama_dir).iterdir():
+        (run / "model" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(UserError) as e:
+        load_tokenizer(run)
+    assert str(e.value) == f"'{run}' is a run directory, not a model; its model is '{run / 'model'}'"

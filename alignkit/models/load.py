@@ -97,8 +97,12 @@ def resolve_path(path: str | os.PathLike) -> str:
 def from_pretrained(cls, name: str | os.PathLike, what: str, **kwargs):
     """`cls.from_pretrained` on `name` (an alias, a directory or a hub name); a model that cannot be found or
     read is a one-line UserError naming it, not a traceback."""
+    resolved = resolve_path(name)
+    run = Path(resolved)
+    if run.is_dir() and not (run / "config.json").exists() and (run / "model" / "config.json").exists():
+        raise UserError(f"'{os.fspath(name)}' is a run directory, not a model; its model is '{run / 'model'}'")
     try:
-        return cls.from_pretrained(resolve_path(name), **kwargs)
+        return cls.from_pretrained(resolved, **kwargs)
     except OSError as e:
         raise UserError(f"could not load {what} from '{os.fspath(name)}': {str(e).splitlines()[0]}") from None
 
