@@ -234,3 +234,27 @@ def test_a_failed_run_starts_again_in_place(tmp_path):
     with pytest.raises(UserError, match=r"already holds a run \(checkpoints/\)"):
         check_output_dir(tmp_path, resume=False)
     check_output_dir(tmp_path, resume=True)
+
+
+def test_damaged_checkpoints(tmp_path):
+    """A truncated checkpoint file is a one-line error naming the checkpoint (was a safetensors traceback); a
+    step-N left without its state.json (not a checkpoint) is replaced when that step is saved again (the
+    rename failed with 'Directory not empty')."""
+    tok, rows = _sft_rows(tmp_path)
+    run = tmp_path / "run"
+
+    def fit(resume):
+        cfg = TrainConfig(batch_size=4, micro_batch_size=4, max_steps=3, save_every=1, resume=resume, report_to=[],
+                          precision="fp32")
+        Engine(cfg, run).fit(tiny_llama(seed=3), SFT(tok.pad_token_id), rows)
+
+    fit(False)
+    step2 = run / "checkpoints" / "step-2"
+    (step2 / "state.json").unlink()  # step-2 no longer counts: resume from step-1, then save step 2 anew
+    fit(True)
+    assert (step2 / "state.json").is_file()
+    weights = step2 / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"step-2: cannot resume from this checkpoint \(SafetensorError: .*\); "
+                                        "delete it to resume from the one before"):
+        fit(True)

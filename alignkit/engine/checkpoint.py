@@ -67,6 +67,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
     if accelerator.is_main_process:
         state = {"step": step, "num_processes": accelerator.num_processes, "extra": extra or {}}
         (tmp / "state.json").write_text(json.dumps(state))
+        if final.exists():  # a step-N without state.json (not a checkpoint: never loaded) is replaced
+            shutil.rmtree(final)
         os.replace(tmp, final)
         for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -75,7 +77,19 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
 
 
 def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore everything saved by `save_checkpoint`; returns the step to continue from and the `extra` state."""
+    """Restore everything saved by `save_checkpoint`; returns the step to continue from and the `extra` state.
+    A damaged checkpoint (a file truncated or missing, e.g. after a full disk) is a one-line error."""
+    try:
+        return _load(accelerator, ckpt, model, optimizer, scheduler)
+    except UserError:
+        raise
+    except Exception as e:  # json, safetensors, pickle and file errors alike
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]:.120}"
+        raise UserError(f"{ckpt}: cannot resume from this checkpoint ({reason}); delete it to resume from the one "
+                        "before") from None
+
+
+def _load(accelerator, ckpt: Path, model, optimizer, scheduler) -> tuple[int, dict]:
     state = json.loads((ckpt / "state.json").read_text())
     if state["num_processes"] != accelerator.num_processes:
         raise UserError(
