@@ -175,6 +175,21 @@ def test_parquet_and_csv_rows_are_validated_with_row_numbers(tmp_path):
         f"{tmp_path}/broken.parquet: could not read as Parquet")
 
 
+def test_csv_text_stays_text(tmp_path):
+    """CSV cells of text fields are read as written (datasets guessed types: "4" became an int, "02108" 2108,
+    "NA" a missing value); other cells parse as JSON when they can; a ragged row is an error."""
+    (tmp_path / "t.csv").write_text('prompt,completion,margin,tags\nWhat is 2+2?,4,1.5,"[1, 2]"\nZip?,02108,,x\n'
+                                    'Stock?,NA,,\n')
+    pairs_like = Schema(what="a row", variants=({"prompt": Field("str"), "completion": Field("str")},),
+                        optional={"margin": Field("float")})
+    assert read_rows(tmp_path / "t.csv", pairs_like) == [
+        {"prompt": "What is 2+2?", "completion": "4", "margin": 1.5, "tags": [1, 2]},
+        {"prompt": "Zip?", "completion": "02108", "tags": "x"}, {"prompt": "Stock?", "completion": "NA"}]
+    (tmp_path / "ragged.csv").write_text("prompt,completion\na,b\na,b,c\n")
+    assert error_of(read_rows, tmp_path / "ragged.csv", SFT_SCHEMA) == (
+        f"{tmp_path}/ragged.csv:3: 3 cells, but the header names 2 columns; quote cells that contain commas")
+
+
 def test_write_jsonl_is_atomic_utf8(tmp_path):
     path = tmp_path / "out" / "rows.jsonl"
     write_jsonl(path, [{"prompt": "café ☕", "score": torch.tensor(0.5)}])

@@ -15,6 +15,7 @@ name are kept (later stages pass them on as keyword arguments).
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import os
@@ -94,24 +95,49 @@ def _starts_with_array(path: Path) -> bool:
     return head.startswith(b"[")
 
 
-def _load_tabular(path: Path) -> list[dict]:
-    """Rows of a Parquet or CSV file through `datasets` (in memory, nothing left in the HF cache)."""
+def _load_parquet(path: Path) -> list[dict]:
+    """Rows of a Parquet file through `datasets` (in memory, nothing left in the HF cache)."""
     from datasets import Dataset
 
-    reader = Dataset.from_parquet if path.suffix.lower() == ".parquet" else Dataset.from_csv
-    kind = path.suffix.lower().lstrip(".").replace("parquet", "Parquet").replace("csv", "CSV")
     try:
         with tempfile.TemporaryDirectory(prefix="alignkit-datasets-") as cache:
-            return reader(str(path), keep_in_memory=True, cache_dir=cache).to_list()
+            return Dataset.from_parquet(str(path), keep_in_memory=True, cache_dir=cache).to_list()
     except Exception as e:  # datasets wraps the reader's error; show the cause
         cause = e.__cause__ or e
-        raise UserError(f"{path}: could not read as {kind} ({_one_line(cause)[:300]}); check the file") from None
+        raise UserError(f"{path}: could not read as Parquet ({_one_line(cause)[:300]}); check the file") from None
+
+
+def _load_csv(path: Path, schema: Schema | None) -> list[dict]:
+    """Rows of a CSV file with a header. A cell of a text field stays text as written ("4", "02108", "NA");
+    other cells are read as JSON when they parse (numbers, true/false, a messages list), else as text. An
+    empty cell is an absent field; a row with more or fewer cells than the header is an error."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        rows = []
+        for cells in reader:
+            if cells and len(cells) != len(header):
+                raise UserError(f"{path}:{reader.line_num}: {len(cells)} cells, but the header names {len(header)} "
+                                "columns; quote cells that contain commas")
+            if cells:
+                rows.append({k: _cell(v, schema is not None and schema.is_text(k)) for k, v in zip(header, cells)})
+    return rows
+
+
+def _cell(text: str, is_text: bool):
+    if text == "" or is_text:
+        return text or None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _iter_tabular(path: Path, schema: Schema | None) -> Iterator[tuple[str, dict]]:
     if path.stat().st_size == 0:
         return
-    for i, row in enumerate(_load_tabular(path), start=1):
+    rows = _load_parquet(path) if path.suffix.lower() == ".parquet" else _load_csv(path, schema)
+    for i, row in enumerate(rows, start=1):
         # An empty cell (null) means "this row has no such field", so mixed-shape tables validate per row.
         row = {k: v for k, v in row.items() if v is not None}
         where = f"{path}:row {i}"
@@ -122,7 +148,7 @@ def iter_rows(path: str | os.PathLike, schema: Schema | None = None) -> Iterator
     """Validated rows with their location ("file:17" or "file:row 3") for later error messages.
 
     The format comes from the extension: .jsonl/.json are JSON lines (a .json file that starts with
-    `[` is one array of rows), .parquet/.csv go through `datasets`. Raises UserError on the first
+    `[` is one array of rows), .parquet goes through `datasets`, .csv through `csv` (`_load_csv`). Raises UserError on the first
     bad row, a missing file or an unknown extension; an empty file yields nothing.
     """
     path = Path(path)

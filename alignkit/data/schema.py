@@ -149,6 +149,11 @@ class Schema:
             names.update(variant)
         return names
 
+    def is_text(self, name: str) -> bool:
+        """Whether the field `name` is a string in some shape of the row (a CSV cell of it stays text)."""
+        return any(spec.type == "str" for fields in (*self.variants, self.optional)
+                   for field_name, spec in fields.items() if field_name == name)
+
     def _pick_variant(self, row: Mapping[str, Any]) -> tuple[Mapping[str, Field] | None, str | None]:
         # null counts as absent when choosing the shape (exports of mixed tables write null for
         # the other shape's columns); a shape complete only with nulls is then type-checked.
