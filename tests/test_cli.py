@@ -191,3 +191,13 @@ def test_a_run_directory_given_as_a_model_names_its_model(tiny_llama_dir, tmp_pa
     with pytest.raises(UserError) as e:
         load_tokenizer(run)
     assert str(e.value) == f"'{run}' is a run directory, not a model; its model is '{run / 'model'}'"
+
+
+def test_max_length_beyond_the_context_exit_2(tiny_gpt2_dir, tmp_path):
+    """GPT-2's learned positions end at 512: longer sequences failed with 'IndexError: index out of range'."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n' * 8)
+    res = _cli("sft", f"model.path={tiny_gpt2_dir}", f"data.train={data}", "data.eval=null",
+               "data.max_length=100000", f"output_dir={tmp_path / 'run'}")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+        "alignkit sft: error: data.max_length=100000 is more than the model's context (512 positions); lower it")

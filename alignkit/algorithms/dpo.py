@@ -44,7 +44,9 @@ from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
 from alignkit.errors import UserError
 from alignkit.losses.preference import PREFERENCE_LOSSES, PreferenceLoss
-from alignkit.models.load import LoraConfig, ModelConfig, is_peft, load_causal_lm, load_tokenizer, save_model
+from alignkit.models.load import (
+    LoraConfig, ModelConfig, check_context, is_peft, load_causal_lm, load_tokenizer, save_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +279,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     train_rows, eval_rows = _load_rows(cfg, tokenizer)
     kl_prompts = _kl_prompts(cfg, eval_rows) if cfg.kl.samples else []  # read now: a bad file fails before training
     model = load_causal_lm(cfg.model, cfg.lora)
+    check_context(model, cfg.data.max_length)
     disable_dropout(model)
     reference = _reference(cfg, model)
     algorithm = {True: PairPreference, False: UnpairedPreference}[cfg.spec.paired](

@@ -22,7 +22,7 @@ from alignkit.data.preferences import prompt_of
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
 from alignkit.errors import UserError
-from alignkit.models.load import LoraConfig, ModelConfig, load_causal_lm, load_tokenizer, save_model
+from alignkit.models.load import LoraConfig, ModelConfig, check_context, load_causal_lm, load_tokenizer, save_model
 from alignkit.rollout.generate import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> Path:
     prompts = prompt_rows(cfg.prompts, cfg.max_prompts, demo="prompts_train")
     score = load_reward(cfg.reward)
     model = load_causal_lm(cfg.model, cfg.lora)
+    check_context(model, cfg.max_length, "max_length")
     out.mkdir(parents=True, exist_ok=True)
     save_config(to_dict(cfg), out / "config.yaml")
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.sampling.seed or 0)

@@ -37,7 +37,7 @@ from alignkit.engine.loop import Engine, chunks
 from alignkit.errors import UserError
 from alignkit.eval.reward import comparison_metrics, gold_agreement
 from alignkit.losses.reward import kwise_loss
-from alignkit.models.load import LoraConfig, ModelConfig, load_tokenizer, save_model
+from alignkit.models.load import LoraConfig, ModelConfig, check_context, load_tokenizer, save_model
 from alignkit.models.reward import load_reward_model, reward_forward, save_metadata
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,7 @@ def run_rm(cfg: RewardModelConfig) -> Path:
     if encoder.truncated:
         log.warning("%d texts were longer than data.max_length=%d and were cut", encoder.truncated, cfg.data.max_length)
     model = load_reward_model(cfg.model, tokenizer.pad_token_id, cfg.lora, cfg.freeze_layers)
+    check_context(model, cfg.data.max_length)
     algorithm = RewardModeling(encoder, cfg.centering, cfg.forward_chunk)
     curves = held_out if cfg.train.eval_every else None
     model, _ = engine.fit(model, algorithm, train, curves, to_dict(cfg), desc="rm")

@@ -12,7 +12,7 @@ from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
 from alignkit.errors import UserError
 from alignkit.losses.sft import IGNORE, sft_loss
-from alignkit.models.load import LoraConfig, ModelConfig, load_causal_lm, load_tokenizer, save_model
+from alignkit.models.load import LoraConfig, ModelConfig, check_context, load_causal_lm, load_tokenizer, save_model
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     eval_rows = load_sft_dataset(eval_path, tokenizer, d.max_length, d.chat_template, False) if eval_path else None
     eval_rows = eval_rows[: d.max_eval_rows] if eval_rows and d.max_eval_rows else eval_rows
     model = load_causal_lm(cfg.model, cfg.lora)
+    check_context(model, d.max_length)
     model, metrics = engine.fit(model, SFT(tokenizer.pad_token_id), train_rows, eval_rows, to_dict(cfg), desc="sft")
     if metrics:
         log.info("held-out loss %.4f, perplexity %.2f", metrics["eval/loss"], metrics["eval/ppl"])

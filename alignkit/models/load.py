@@ -174,6 +174,14 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def check_context(model, max_length: int, key: str = "data.max_length") -> None:
+    """UserError when `key` allows sequences longer than the model's context: a model with learned positions
+    (GPT-2, BERT) fails on them with an IndexError, a RoPE model runs past what it was trained on."""
+    context = getattr(base_model(model).config, "max_position_embeddings", None)
+    if context is not None and max_length > context:
+        raise UserError(f"{key}={max_length} is more than the model's context ({context} positions); lower it")
+
+
 def is_peft(model) -> bool:
     from peft import PeftModel
 
