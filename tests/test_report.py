@@ -117,3 +117,13 @@ def test_report_errors(tmp_path, capsys):
     assert "name at least one run directory" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "run directory not found" in capsys.readouterr().err
+    bad_line = tmp_path / "bad_line"
+    bad_line.mkdir()
+    (bad_line / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n[1, 2]\n{"step": 2, "loss": 0.5}\n')
+    assert main(["report", str(bad_line)]) == 2  # was AttributeError: 'list' object has no attribute 'get'
+    assert "metrics.jsonl:2: a metrics line must be a JSON object, got list" in capsys.readouterr().err
+    bad_eval = tmp_path / "bad_eval"
+    (bad_eval / "eval").mkdir(parents=True)
+    (bad_eval / "eval" / "final.json").write_text(json.dumps({**_eval(None, "abc", 0.5, 0.1, "x")}))
+    assert main(["report", str(bad_eval)]) == 2  # was a TypeError in the plots
+    assert "final.json: metrics.kl must be a number or null, got 'abc'" in capsys.readouterr().err

@@ -77,10 +77,14 @@ def read_curves(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             if i < len(lines):
                 raise UserError(f"{path}:{i}: not valid JSON; fix or remove the line") from None
+            continue
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{i}: a metrics line must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
@@ -95,6 +99,7 @@ def load_run(path: str | Path) -> Run:
     for p in (p for p in candidates if p.is_file()):
         data = _read_json(p)
         if isinstance(data, dict) and data.get("kind") == EVAL_KIND:
+            _check_eval(data, p)
             run.evals.append({**data, "file": str(p)})
         elif isinstance(data, dict) and "reliability" in data and p.name == "eval.json":
             run.rm_eval = data
@@ -103,6 +108,19 @@ def load_run(path: str | Path) -> Run:
     if summary.is_file() and isinstance(data := _read_json(summary), list) and data and "kl_analytic" in data[0]:
         run.best_of_n = data
     return run
+
+
+PLOTTED = ("kl", "reward/gold", "reward/proxy", "text/distinct-2", "perplexity", "win_rate/proxy", "win_rate/judge")
+
+
+def _check_eval(data: dict, path: Path) -> None:
+    metrics = data.get("metrics")
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path}: 'metrics' must be an object of numbers")
+    for key in PLOTTED:
+        value = metrics.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{path}: metrics.{key} must be a number or null, got {value!r:.40}")
 
 
 def _point(run: Run, e: dict) -> dict:
