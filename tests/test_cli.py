@@ -163,7 +163,7 @@ MISSING = "alignkit-tests/no-such-model"
 
 
 @pytest.mark.parametrize("args", [
-    ["grpo", f"model.path={MISSING}", "output_dir=OUT"],
+    ["grpo", f"model.path={MISSING}", "reward.function=builtins:len", "output_dir=OUT"],
     ["rm", f"model.path={MISSING}", "output_dir=OUT"],
     ["score", f"model={MISSING}", "input=OUT.jsonl"],
     ["ppo", "model.path=TINY", "reward.function=builtins:len", "ppo.critic=separate", f"ppo.critic_model={MISSING}",

@@ -222,6 +222,10 @@ def test_eval_bad_config_is_a_user_error(capsys):
     assert "set reference too" in capsys.readouterr().err
     assert main(["eval", "judge=vader", "reference=smollm2"]) == 2
     assert "judge must be 'ai-judge:MODEL[@PRINCIPLE]'" in capsys.readouterr().err
+    from alignkit.config import load_config
+    from alignkit.eval.evaluate import EvalConfig
+
+    assert load_config(EvalConfig, None, ["gold.judge=null"]).gold.sources == 0  # no gold (was "set a reward")
 
 
 def test_evaluate_policy_api_with_tempered_sampling(tiny_llama_dir, tiny_gpt2_dir):

@@ -180,12 +180,12 @@ def run_online(cfg: OnlineStageConfig, make_algorithm, desc: str) -> Path:
     out = Path(cfg.output_dir)
     engine = Engine(cfg.train, out)
     check_output_dir(out, cfg.train.resume)
+    reward = build_reward(cfg.reward, device=str(engine.accelerator.device))  # a missing reward fails first
     tokenizer = load_tokenizer(cfg.model.path)
     prompts = load_prompts(cfg)
     policy = load_causal_lm(cfg.model, cfg.lora)
     disable_dropout(policy)
     reference = load_reference(cfg)
-    reward = build_reward(cfg.reward, device=str(engine.accelerator.device))
     model, algorithm = make_algorithm(policy, tokenizer, reward, reference)
     model = fit_online(engine, model, algorithm, prompts, cfg.online, to_dict(cfg), desc=desc)
     engine.accelerator.wait_for_everyone()

@@ -99,12 +99,6 @@ class EvalConfig:
         return policy.parent / "eval" / name if policy.name == "model" and policy.is_dir() else Path("eval.json")
 
 
-def reward_is_set(cfg: RewardConfig) -> bool:
-    """Whether any reward source of `cfg` is named (weights and penalties alone name none)."""
-    return any(getattr(cfg, f.name) is not None for f in dataclasses.fields(cfg)
-               if f.name not in ("weights", "no_eos_penalty"))
-
-
 def as_reward(source):
     """A reward source from a source object, a RewardConfig, or a spec (RM dir, 'vader', 'module:function')."""
     if isinstance(source, RewardConfig):
@@ -131,7 +125,7 @@ def run_eval(cfg: EvalConfig) -> str:
 
     tokenizer = load_tokenizer(cfg.policy)  # a wrong path fails before any other work
     rows = prompt_rows(cfg.prompts, cfg.max_prompts)
-    rewards = {name: as_reward(c) for name, c in (("gold", cfg.gold), ("proxy", cfg.proxy)) if reward_is_set(c)}
+    rewards = {name: as_reward(c) for name, c in (("gold", cfg.gold), ("proxy", cfg.proxy)) if c.sources}
     judge = as_reward(cfg.judge) if cfg.judge else None
     policy = _load(cfg.policy, cfg.dtype)
     reference = _load(cfg.reference, cfg.dtype) if cfg.reference else None

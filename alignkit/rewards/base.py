@@ -90,19 +90,23 @@ class RewardConfig:
     weights: list[float] | None = option(None, "Weights of model, judge, function (those set, in order); null = 1 each")
     no_eos_penalty: float | None = option(None, "Score of responses cut at max_new_tokens without EOS; null = keep")
 
-    def validate(self):
-        n = sum(x is not None for x in (self.model, self.judge, self.function))
-        if n == 0:
-            raise UserError("set a reward: reward.model=DIR (a reward model), reward.judge=vader, or "
-                            "reward.function=package.module:f")
-        if self.weights is not None and len(self.weights) != n:
-            raise UserError(f"reward.weights has {len(self.weights)} entries for {n} reward sources")
+    @property
+    def sources(self) -> int:
+        return sum(x is not None for x in (self.model, self.judge, self.function))
+
+    def validate(self):  # a stage that needs a reward checks that one is set (eval's gold or proxy may be none)
+        if self.weights is not None and len(self.weights) != self.sources:
+            raise UserError(f"weights has {len(self.weights)} entries for {self.sources} reward source(s) "
+                            "(of model, judge, function: those set)")
 
 
 def build_reward(cfg: RewardConfig, device: str | None = None):
     """The reward source of `cfg`: one source, or a weighted sum of the ones set."""
     from alignkit.rewards.gold import load_judge
 
+    if not cfg.sources:
+        raise UserError("set a reward: reward.model=DIR (a reward model), reward.judge=vader, or "
+                        "reward.function=package.module:f")
     cfg.validate()  # a stage's default RewardConfig() is not validated when built, so check here
     sources = []
     if cfg.model is not None:
