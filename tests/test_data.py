@@ -150,6 +150,8 @@ def test_custom_schema_types():
     assert schema.check({"prompt": "p", "chosen": "c", "rejected": "r", "score": 1, "tags": ["x"]}) is None
     assert schema.check({"prompt": "p", "chosen": "c", "rejected": "r", "score": True}) == \
         "field 'score' must be a number, got bool"
+    assert schema.check({"prompt": "p", "chosen": "c", "rejected": "r", "score": float("inf")}) == \
+        "field 'score' must be finite, got inf"  # a margin of Infinity stopped training with a non-finite loss
     assert schema.check({"prompt": "p", "chosen": "c", "rejected": "r", "tags": ["x", 2]}) == \
         "field 'tags[1]' must be a string, got int"
     assert schema.check({"prompt": "p", "chosen": "c"}) == \

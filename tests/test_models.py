@@ -73,6 +73,15 @@ def test_missing_model_path_names_it(tmp_path):
         load_tokenizer(str(tmp_path / "nope"))
 
 
+def test_a_reward_model_is_not_a_causal_lm(tmp_path):
+    """A sequence classifier loads as a causal LM with a fresh head and failed deep inside generation."""
+    from alignkit.models.tiny import tiny_llama
+
+    path = save_tiny(tmp_path / "rm", tiny_llama(num_labels=1))
+    with pytest.raises(UserError, match="holds a LlamaForSequenceClassification .*, not a causal LM"):
+        load_causal_lm(ModelConfig(str(path)))
+
+
 def test_save_full_model_round_trip(tiny_gpt2_dir, tmp_path):
     model = load_causal_lm(ModelConfig(path=tiny_gpt2_dir))
     out = save_model(model, load_tokenizer(tiny_gpt2_dir), tmp_path / "run")

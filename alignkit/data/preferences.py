@@ -324,6 +324,8 @@ def run_rankings_to_pairs(cfg: RankingsToPairsConfig) -> str:
     check_io(cfg.input, cfg.output, "both input=RANKINGS.jsonl and output=PAIRS.jsonl")
     rows = read_rankings(cfg.input)
     pairs = rankings_to_pairs(rows, cfg.input)
+    if not pairs:
+        raise UserError(f"{cfg.input}: no pairs (every ranking is a full tie)")
     write_jsonl(cfg.output, pairs)
     log.info("%d rankings -> %d pairs (ties dropped) in %s", len(rows), len(pairs), cfg.output)
     return cfg.output

@@ -13,6 +13,7 @@ on the use (an SFT conversation needs an assistant turn, a prompt conversation m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -66,6 +67,12 @@ def _list_of(kind: str, item_kind: str, test: Callable[[Any], bool]) -> TypeChec
     return check
 
 
+def _check_float(name: str, value: Any) -> str | None:
+    if not _is_number(value):
+        return f"field '{name}' must be a number, got {type_name(value)}"
+    return None if math.isfinite(value) else f"field '{name}' must be finite, got {value}"
+
+
 def _check_messages(name: str, value: Any) -> str | None:
     """A conversation: a list of {"role": system|user|assistant, "content": str} objects."""
     if not isinstance(value, (list, tuple)):
@@ -87,7 +94,7 @@ def _check_messages(name: str, value: Any) -> str | None:
 TYPES: dict[str, TypeCheck] = {
     "str": _scalar("a string", lambda v: isinstance(v, str)),
     "int": _scalar("an integer", lambda v: _is_int(v) or (_is_numpy_number(v) and v.dtype.kind in "iu")),
-    "float": _scalar("a number", _is_number),
+    "float": _check_float,
     "bool": _scalar("true or false", lambda v: isinstance(v, bool)),
     "list[str]": _list_of("a list of strings", "a string", lambda v: isinstance(v, str)),
     "list[float]": _list_of("a list of numbers", "a number", _is_number),

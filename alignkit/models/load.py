@@ -128,6 +128,9 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: 
     lora_r = lora.r if lora is not None else 0
     model = from_pretrained(AutoModelForCausalLM, cfg.path, "a causal LM",
                             dtype=resolve_dtype(cfg.dtype, trainable and not lora_r))
+    saved_as = model.config.architectures or []
+    if saved_as and all(a.endswith("ForSequenceClassification") for a in saved_as):  # loads, then fails deep inside
+        raise UserError(f"'{cfg.path}' holds a {saved_as[0]} (a reward model or classifier), not a causal LM")
     model.to(default_device())
     if lora_r:
         model = add_lora(model, lora)
