@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import os
 import types
 import typing
 from pathlib import Path
@@ -247,6 +246,7 @@ def save_config(config: dict, path: str | Path) -> None:
         changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k] and k != "train.resume"]
         if changed:
             logging.getLogger(__name__).warning("%s: continuing with changed settings: %s", path, "; ".join(changed))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, path)
+    from alignkit.data.jsonl import atomic_open
+
+    with atomic_open(path) as f:
+        f.write(yaml.safe_dump(config, sort_keys=False))

@@ -148,8 +148,9 @@ def iter_rows(path: str | os.PathLike, schema: Schema | None = None) -> Iterator
     """Validated rows with their location ("file:17" or "file:row 3") for later error messages.
 
     The format comes from the extension: .jsonl/.json are JSON lines (a .json file that starts with
-    `[` is one array of rows), .parquet goes through `datasets`, .csv through `csv` (`_load_csv`). Raises UserError on the first
-    bad row, a missing file or an unknown extension; an empty file yields nothing.
+    `[` is one array of rows), .parquet goes through `datasets`, .csv through `csv` (`_load_csv`).
+    Raises UserError on the first bad row, a missing file or an unknown extension; an empty file yields
+    nothing.
     """
     path = Path(path)
     suffix = path.suffix.lower()

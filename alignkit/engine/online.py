@@ -13,8 +13,7 @@ Batch sizes, all in one place (PPO, GRPO, RLOO and REINFORCE alike):
 The engine's pieces are reused unchanged: `Engine.train_step` (accumulation, clipping, optimiser and
 scheduler step), `make_optimizer`, `resume` / `begin`, `RunLogger`, `save_checkpoint`. A checkpoint is
 taken between steps; the algorithm's own state (adaptive beta, moving baseline) is stored in it, and
-the prompt order is a function of (seed, epoch), so a resumed run continues exactly
-where it stopped.
+the prompt order is a function of (seed, epoch), so a resumed run continues exactly where it stopped.
 
 An online algorithm adds to the engine's protocol (units / prepare / loss):
     rollout(model, prompt_rows) -> (rows, metrics)   rows for the updates, metrics of the rollout
