@@ -177,10 +177,16 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def context_length(model) -> int | None:
+    """The positions the model can read (`max_position_embeddings`; GPT-2's `n_positions`), None if unknown."""
+    context = getattr(getattr(base_model(model), "config", None), "max_position_embeddings", None)
+    return context if isinstance(context, int) else None
+
+
 def check_context(model, max_length: int, key: str = "data.max_length") -> None:
     """UserError when `key` allows sequences longer than the model's context: a model with learned positions
     (GPT-2, BERT) fails on them with an IndexError, a RoPE model runs past what it was trained on."""
-    context = getattr(base_model(model).config, "max_position_embeddings", None)
+    context = context_length(model)
     if context is not None and max_length > context:
         raise UserError(f"{key}={max_length} is more than the model's context ({context} positions); lower it")
 

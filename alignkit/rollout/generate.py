@@ -33,7 +33,7 @@ import torch
 from alignkit.config import option
 from alignkit.errors import UserError
 from alignkit.models.forward import keep_logits, prefill_positions, unique_prompts, with_cache
-from alignkit.models.load import base_model
+from alignkit.models.load import base_model, context_length
 from alignkit.rollout.cache import make_cache
 from alignkit.rollout.linear import fast_linears
 from alignkit.rollout.sampling import TokenChooser
@@ -138,9 +138,9 @@ def generate(
     cfg.validate()
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask must both be (B, P)")
-    context = getattr(_config(model), "max_position_embeddings", None)
+    context = context_length(model)
     fed = input_ids.shape[1] + cfg.max_new_tokens - 1  # the last new token is never fed back
-    if isinstance(context, int) and fed > context:
+    if context is not None and fed > context:
         raise UserError(f"the longest prompt is {input_ids.shape[1]} tokens; with sampling.max_new_tokens="
                         f"{cfg.max_new_tokens} the model would read {fed} positions, more than its context of "
                         f"{context}: shorten the prompts or lower sampling.max_new_tokens")
