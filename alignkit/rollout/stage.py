@@ -34,8 +34,8 @@ def prompt_of(row: dict):
 def sample_rows(model, tokenizer, rows: list[dict], sampling: SamplingConfig, batch_size: int, chat: bool,
                 desc: str = "generate") -> list[dict]:
     """Each input row with a `completion` added, generated in batches with a progress bar; one generator
-    (seeded by `sampling.seed`) runs through all batches, so the samples do not depend on the batch size's
-    split of equal prompts."""
+    (seeded by `sampling.seed`) runs through all batches, so equal prompts in different batches get
+    different samples."""
     out = []
     generator = sampling_generator(sampling, next(model.parameters()).device)
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
