@@ -163,6 +163,18 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
+def _check_sections(file: dict, overrides: dict, prefix: str = "") -> None:
+    """A section the file sets to a value (`train: 5`) and the command line sets keys of (`train.lr=...`) is an
+    error: merging would drop the file's value without a word."""
+    for k, v in overrides.items():
+        old = file.get(k)
+        if isinstance(v, dict) and isinstance(old, dict):
+            _check_sections(old, v, f"{prefix}{k}.")
+        elif isinstance(v, dict) and old is not None:
+            raise UserError(f"'{prefix}{k}' is {old!r} in the config file, but {prefix}{k}.* is set on the command "
+                            "line; make it a mapping")
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -185,7 +197,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
             raise UserError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: the top level must be a mapping of config keys")
-    data = _merge(data, parse_overrides(list(overrides)))
+    overridden = parse_overrides(list(overrides))
+    _check_sections(data, overridden)
+    data = _merge(data, overridden)
     try:
         return _build(cls, data)
     except UserError as e:

@@ -60,6 +60,15 @@ def test_sample_and_score_returns_n_scored_completions():
     assert seen["ref"] == [1, 1, 1, 2, 2, 2]  # the rows' other fields reach the reward source
 
 
+def test_best_of_n_needs_sampling():
+    """Greedy decoding gives N equal completions, yet the analytic KL log N - (N-1)/N was reported."""
+    from alignkit.config import load_config
+    from alignkit.errors import UserError
+
+    with pytest.raises(UserError, match="best-of-N needs sampling.do_sample=true"):
+        load_config(BestOfNConfig, None, ["sampling.do_sample=false"])
+
+
 def test_a_nan_reward_is_an_error():
     """best-of-N and rejection sampling picked (and fine-tuned on) samples by NaN rewards, exit 0."""
     from alignkit.errors import UserError

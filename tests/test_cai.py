@@ -56,6 +56,8 @@ def test_default_constitution_and_selection():
     assert "\n" not in positive.critique  # folded YAML, whitespace normalised
     with pytest.raises(UserError, match="principles: 'kindness' is not in .*constitution.yaml"):
         load_constitution(None, ["kindness"])
+    with pytest.raises(UserError, match="principles: an empty list selects none"):  # it meant all of them
+        load_constitution(None, [])
 
 
 @pytest.mark.parametrize("text, message", [

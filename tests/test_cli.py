@@ -111,6 +111,15 @@ def test_bad_rl_config_values(stage, override, message):
     load_config(cls, None, [])  # the defaults pass
 
 
+def test_a_file_value_under_command_line_keys_is_an_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train: 5\n")  # train.lr=... on the command line replaced it without a word
+    with pytest.raises(UserError, match="'train' is 5 in the config file, but train.\\* is set on the command line"):
+        load_config(SFTConfig, f, ["train.lr=1e-4"])
+    f.write_text("train:\n  lr: 0.5\n")
+    assert load_config(SFTConfig, f, ["train.batch_size=4", "train.micro_batch_size=4"]).train.lr == 0.5
+
+
 def test_bad_yaml_names_file_and_line(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("train:\n  lr: [1, 2\n")

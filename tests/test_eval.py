@@ -216,6 +216,8 @@ def test_eval_bad_config_is_a_user_error(capsys):
 
     assert main(["eval", "batch_size=0"]) == 2
     assert "batch_size must be in [1, inf), got 0" in capsys.readouterr().err
+    assert main(["eval", "step=-1"]) == 2  # wrote eval/step--1.json
+    assert "step must be in [0, inf), got -1" in capsys.readouterr().err
     assert main(["eval", "max_prompts=-1"]) == 2  # silently dropped the last prompt
     assert "max_prompts must be in [1, inf), got -1" in capsys.readouterr().err
     assert main(["eval", "judge=ai-judge:smollm2"]) == 2

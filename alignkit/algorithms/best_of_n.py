@@ -116,6 +116,8 @@ class BestOfNConfig:
     def validate(self):
         if not self.n or min(self.n) < 1:
             raise UserError(f"n must list values >= 1, got {self.n}")
+        if not self.sampling.do_sample:  # greedy or beam search gives N equal completions: nothing to choose from
+            raise UserError("best-of-N needs sampling.do_sample=true (its analytic KL assumes N independent samples)")
 
 
 def prompt_rows(path: str, max_prompts: int | None, demo: str = "prompts_eval") -> list[dict]:

@@ -291,9 +291,10 @@ def run_dpo(cfg: DPOConfig) -> Path:
             cache_reference(model, algorithm, splits, out / "reference_logps.pt", reference_id,
                             cfg.train.micro_batch_size, acc.device, acc.is_main_process)
     model, metrics = engine.fit(model, algorithm, train_rows, eval_rows, to_dict(cfg), desc=cfg.loss)
-    if metrics:
-        log.info("held-out loss %.4f, preference accuracy %.3f", metrics["eval/loss"],
-                 metrics.get("eval/rewards/accuracy", float("nan")))
+    if metrics:  # KTO's unpaired rows have no preference accuracy
+        accuracy = metrics.get("eval/rewards/accuracy")
+        log.info("held-out loss %.4f%s", metrics["eval/loss"],
+                 "" if accuracy is None else f", preference accuracy {accuracy:.3f}")
     acc.wait_for_everyone()
     if acc.is_main_process:
         _final_kl(cfg, model, reference, tokenizer, kl_prompts, out)

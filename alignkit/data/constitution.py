@@ -86,8 +86,10 @@ def load_constitution(path: str | Path | None = None, names: Sequence[str] | Non
     """The principles of `path` (None = the default constitution), restricted to `names` if given."""
     path = Path(path) if path is not None else DEFAULT_CONSTITUTION
     principles = parse_constitution(_read(path), str(path))
-    if not names:
+    if names is None:
         return principles
+    if not names:
+        raise UserError("principles: an empty list selects none; leave it null for all")
     by_name = {p.name: p for p in principles}
     missing = [n for n in names if n not in by_name]
     if missing:

@@ -76,7 +76,8 @@ class EvalConfig:
     batch_size: int = option(16, "Sequences per generation / scoring batch", low=1)
     chat_template: bool = option(True, "Wrap prompts in the tokenizer's chat template")
     method: str | None = option(None, "Method name shown in the report (e.g. ppo); null = the run directory's name")
-    step: int | None = option(None, "Training step of this policy (its point on the report's curves); null = final")
+    step: int | None = option(None, "Training step of this policy (its point on the report's curves); null = final",
+                              low=0)
     output: str | None = option(None, "JSON to write; null = <run>/eval/{final|step-N}.json when policy is a "
                                 "run's model/ directory, else eval.json")
     show: int = option(2, "Print this many samples at the end")
