@@ -62,13 +62,11 @@ def load_reward(spec: str):
 
 def score_rows(score: Callable, rows: Sequence[dict], completions: Sequence[str]) -> torch.Tensor:
     """Rewards (B,) of one completion per row; the rows' other fields are passed as keyword lists."""
-    from alignkit.rewards.base import check_finite
+    from alignkit.rewards.base import checked_scores
 
     fields = {k: [r.get(k) for r in rows] for k in rows[0] if k not in PROMPT_KEYS}
     prompts = [prompt_of(r) for r in rows]
-    scores = torch.as_tensor(score(prompts, list(completions), **fields)).double().cpu()
-    check_finite(scores, prompts, completions)
-    return scores
+    return checked_scores(score(prompts, list(completions), **fields), prompts, completions)
 
 
 def sample_and_score(model, tokenizer, rows: Sequence[dict], score: Callable, n: int, sampling: SamplingConfig,

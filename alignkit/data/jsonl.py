@@ -204,6 +204,15 @@ def check_io(input: str | None, output: str | None, hint: str) -> None:
         raise UserError(f"output={output} is the input file; write the result elsewhere")
 
 
+def make_readable(root: Path) -> None:
+    """mkstemp / mkdtemp create 0600 / 0700 and some writers (safetensors) 0600: give a written file, or a
+    directory and everything in it, the usual umask-based permissions, so that others can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (root, *(root.rglob("*") if root.is_dir() else ())):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
     """A text file to write `path` through: a temp file in the same folder, renamed over `path` only when
@@ -224,9 +233,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
+        make_readable(Path(tmp))  # mkstemp makes the file private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

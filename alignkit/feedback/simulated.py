@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 
 from alignkit.config import option
 from alignkit.data.jsonl import check_io, write_json, write_jsonl
 from alignkit.data.preferences import carried_fields, prompt_fields, prompt_of, read_completion_sets, set_prompt_ids
 from alignkit.errors import UserError
-from alignkit.rewards.base import check_finite
+from alignkit.rewards.base import checked_scores
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +75,7 @@ def gold_scores(judge, rows: list[dict]) -> list[list[float]]:
     texts = [c for r in rows for c in r["completions"]]
     keys = sorted({k for r in rows for k in r} - {"prompt", "messages", "completions", "ranking"})
     fields = {k: [r.get(k) for r in rows for _ in r["completions"]] for k in keys}
-    scores = judge.score(prompts, texts, **fields)
-    try:
-        flat = [float(s) for s in scores]
-    except (TypeError, ValueError):
-        raise UserError(f"the gold judge must return numbers, got {list(scores)[:3]!r}") from None
-    if len(flat) != len(texts):
-        raise UserError(f"the gold judge returned {len(flat)} scores for {len(texts)} completions")
-    check_finite(torch.tensor(flat), prompts, texts, "the gold judge")
+    flat = checked_scores(judge.score(prompts, texts, **fields), prompts, texts, "the gold judge").tolist()
     out, i = [], 0
     for r in rows:
         out.append(flat[i : i + len(r["completions"])])

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from alignkit.config import check_interval, option
+from alignkit.data.jsonl import make_readable
 from alignkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -195,16 +196,6 @@ def is_peft(model) -> bool:
     from peft import PeftModel
 
     return isinstance(unwrap(model), PeftModel)
-
-
-def make_readable(root: Path) -> None:
-    """mkdtemp creates 0700 and some writers (safetensors) 0600: give a written model directory the usual
-    umask-based permissions, so that others can read what was saved."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
-    for p in root.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -54,14 +54,22 @@ class WeightedSum:
     __call__ = score
 
 
-def check_finite(scores: torch.Tensor, prompts: Sequence, completions: Sequence[str], what: str = "the reward") -> None:
-    """UserError on a NaN or infinite score: it would turn advantages, losses, a best-of-N choice or a label
-    into noise (and an RL update every weight into NaN)."""
+def checked_scores(raw, prompts: Sequence, completions: Sequence[str], what: str = "the reward") -> torch.Tensor:
+    """A reward source's output for `completions` as a float64 CPU tensor (B,). UserError unless it is B finite
+    numbers: a NaN would turn advantages, losses, a best-of-N choice or a label into noise (and an RL update
+    every weight into NaN)."""
+    try:
+        scores = torch.as_tensor(raw, dtype=torch.float64).reshape(-1).cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{what} must return numbers, got {raw!r:.80}") from None
+    if scores.numel() != len(completions):
+        raise UserError(f"{what} returned {scores.numel()} scores for {len(completions)} completions")
     bad = ~torch.isfinite(scores)
     if bad.any():
         i = int(bad.nonzero()[0])
         raise UserError(f"{what} gave a non-finite score ({scores[i].item()}) to {int(bad.sum())} of "
                         f"{len(completions)} completions, e.g. {completions[i]!r:.60} to the prompt {prompts[i]!r:.60}")
+    return scores
 
 
 def length_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:

@@ -141,7 +141,7 @@ def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: Sampl
     the sampler's. Under bf16 the sampler's cached decoding and the full forward differ by about 1e-2 in
     log-prob, which PPO's ratio would read as a policy change; in float32 they agree to about 1e-5.
     """
-    from alignkit.rewards.base import check_finite, length_penalty
+    from alignkit.rewards.base import checked_scores, length_penalty
 
     device = next(unwrap(policy).parameters()).device
     rows = [row for row in rows for _ in range(group_size)]
@@ -153,8 +153,7 @@ def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: Sampl
     texts = tokenizer.batch_decode(gen.response_ids.masked_fill(~gen.response_mask, pad_id), skip_special_tokens=True)
     extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "messages")}
     prompts = [prompt_of(r) for r in rows]
-    scores = reward.score(prompts, texts, **extra).float().cpu()
-    check_finite(scores, prompts, texts)
+    scores = checked_scores(reward.score(prompts, texts, **extra), prompts, texts).float()
     scores = length_penalty(scores, _ended(gen, {tokenizer.eos_token_id}), no_eos_penalty)
     group = torch.arange(len(rows) // group_size).repeat_interleave(group_size)
     out = Rollout(ids, mask, gen.response_ids, gen.response_mask, gen.logps, torch.zeros_like(gen.logps),

