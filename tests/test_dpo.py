@@ -190,8 +190,9 @@ def test_dpo_learns_the_preference(tmp_path, pair_files, tiny_llama_dir):
 
 def test_kto_with_lora_and_live_reference_learns(tmp_path, pair_files, tiny_llama_dir):
     lines, _ = _run(tmp_path, pair_files, "kto", lora=8, lr=3e-3, model=tiny_llama_dir, reference="live")
-    assert lines[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-4)
-    assert lines[-1]["eval/rewards/margin"] > 0.05
+    assert lines[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)  # the first step's policy is the reference
+    assert lines[0]["rewards/rejected"] == pytest.approx(0.0, abs=1e-4)
+    assert lines[-1]["eval/rewards/chosen"] - lines[-1]["eval/rewards/rejected"] > 0.05
     assert (tmp_path / "run-kto" / "adapter").is_dir()
 
 

@@ -105,6 +105,31 @@ def test_non_finite_step_stops_before_the_update(tmp_path, how, what):
         assert torch.equal(p, before[n]), n
 
 
+class _RowMean:
+    """Each row is (x, kind); the metric `kind` is a (sum, count) mean of x over the rows of kind 1."""
+
+    def units(self, row):
+        return 1
+
+    def prepare(self, rows):
+        return {"x": torch.tensor([float(x) for x, _ in rows]), "kind": torch.tensor([k for _, k in rows])}
+
+    def loss(self, model, batch, normaliser):
+        loss = model(batch["x"].unsqueeze(-1)).sum() / normaliser
+        ones = batch["kind"] == 1
+        return loss, {"kind": ((batch["x"] * ones).sum(), ones.sum()), "never": (torch.tensor(0.0), 0),
+                      "x": batch["x"].sum() / normaliser}
+
+
+def test_a_metric_given_as_sum_and_count_is_averaged_over_the_counted_rows(tmp_path):
+    engine = Engine(TrainConfig(batch_size=6, micro_batch_size=2, report_to=[], precision="fp32"), tmp_path / "run")
+    rows = [(1.0, 0), (3.0, 0), (2.0, 1), (5.0, 0), (4.0, 1), (9.0, 1)]  # the first micro-batch counts no row
+    _, metrics = engine.accumulate(torch.nn.Linear(1, 1), _RowMean(), rows)
+    assert metrics["kind"] == pytest.approx((2 + 4 + 9) / 3)  # not a mean of the micro-batches' means
+    assert metrics["x"] == pytest.approx(24 / 6)
+    assert "never" not in metrics  # counted no row at all: not logged as 0
+
+
 def _sft_cmd(model_dir, sft_files, out, *extra):
     train, evalf = sft_files
     return CLI + ["sft", f"model.path={model_dir}", f"data.train={train}", f"data.eval={evalf}",

@@ -88,6 +88,11 @@ def test_kto_hand_computed():
     sig2 = 1 / (1 + math.exp(-2))
     assert loss.item() == pytest.approx((0.5 + 2 * (1 - sig2)) / 2, abs=1e-6)
     assert m["kl"].item() == pytest.approx(1.0)
+    # implicit rewards beta r as (sum, count) over the desirable / undesirable rows
+    assert [float(v) for v in m["rewards/chosen"]] == [1.0, 1.0]
+    assert [float(v) for v in m["rewards/rejected"]] == [-1.0, 1.0]
+    none_desirable = kto_loss(t(-1.0), t(-2.0), torch.tensor([False]), t(-3.0), t(-4.0))[1]
+    assert int(none_desirable["rewards/chosen"][1]) == 0  # counts no row, so the engine logs none
     loss.backward()
     assert kl_policy.grad is None  # the reference point is detached
     assert policy.grad is not None

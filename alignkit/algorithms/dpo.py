@@ -41,7 +41,7 @@ from alignkit.config import check_interval, option, to_dict
 from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_json
 from alignkit.data.preference_tokens import collate_pairs, collate_sequences, load_pairs, load_unpaired
 from alignkit.engine.config import TrainConfig
-from alignkit.engine.loop import Engine
+from alignkit.engine.loop import Engine, add_metrics, total_metrics
 from alignkit.errors import UserError
 from alignkit.losses.preference import PREFERENCE_LOSSES, PreferenceLoss
 from alignkit.models.load import (
@@ -122,7 +122,7 @@ class _Preference:
 
     def __init__(self, spec: PreferenceLoss, hyper: dict, pad_token_id: int, reference: Reference):
         self.spec, self.hyper, self.pad_id, self.reference = spec, hyper, pad_token_id, reference
-        self._eval_sums: dict[str, float] = {}
+        self._eval_sums: dict[str, list[float]] = {}
 
     def units(self, row) -> int:
         return 1
@@ -137,12 +137,11 @@ class _Preference:
         if model.training:
             metrics["tokens_seen"] = self.tokens(batch)
         else:  # the engine's evaluation: keep the metrics too (each is a sum / normaliser)
-            for k, v in metrics.items():
-                self._eval_sums[k] = self._eval_sums.get(k, 0.0) + float(v)
+            add_metrics(self._eval_sums, metrics)
         return loss, metrics
 
     def eval_metrics(self, mean_loss: float) -> dict:
-        out, self._eval_sums = self._eval_sums, {}
+        out, self._eval_sums = total_metrics(self._eval_sums), {}
         return out
 
 

@@ -41,6 +41,19 @@ def resolve_precision(name: str) -> str:
     return "no" if name == "fp32" else name
 
 
+def add_metrics(sums: dict, metrics: dict) -> None:
+    """Add one micro-batch's `metrics` into `sums`. A metric is a number (summed over micro-batches), or a
+    tuple (numerator, denominator), a mean over the rows it counts, whose two parts are summed apart."""
+    for k, v in metrics.items():
+        parts = [float(x) for x in (v if isinstance(v, tuple) else (v,))]
+        sums[k] = [a + b for a, b in zip(sums.get(k, [0.0] * len(parts)), parts)]
+
+
+def total_metrics(sums: dict) -> dict:
+    """The metrics of `add_metrics`' sums; a mean that counted no row is left out (not logged as 0)."""
+    return {k: v[0] if len(v) == 1 else v[0] / v[1] for k, v in sums.items() if len(v) == 1 or v[1]}
+
+
 def chunks(rows: list, size: int) -> list[list]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
@@ -80,7 +93,8 @@ class Engine:
     def accumulate(self, model, algorithm, rows: list) -> tuple[torch.Tensor, dict]:
         """Forward and backward over this process's micro-batches of the global batch `rows`.
 
-        Gradients are left in `.grad`; returns the global mean loss and the summed metrics.
+        Gradients are left in `.grad`; returns the global mean loss and the summed metrics. A metric given as
+        a tuple (numerator, denominator) is logged as the sum of numerators over the sum of denominators.
         """
         acc = self.accelerator
         normaliser = max(sum(algorithm.units(r) for r in rows), 1) / acc.num_processes
@@ -93,9 +107,8 @@ class Engine:
                 loss, m = algorithm.loss(model, batch, normaliser)
                 acc.backward(loss)
             total += loss.detach()
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0) + (v.item() if torch.is_tensor(v) else v)
-        return acc.reduce(total, "mean"), metrics
+            add_metrics(metrics, m)
+        return acc.reduce(total, "mean"), total_metrics(metrics)
 
     def train_step(self, model, algorithm, rows, optimizer, scheduler) -> dict:
         loss, metrics = self.accumulate(model, algorithm, rows)

@@ -11,10 +11,12 @@ import io
 import math
 
 # What each training-curve panel shows: the first group of keys that a run logged (RunLogger's metrics.jsonl:
-# RL score_mean/gold_mean/kl/entropy, DPO rewards/margin, SFT/DPO loss and eval/loss, the engine's lr). Keys of one
-# group share a scale (RL's `kl` is per sequence, `approx_kl` per token: never in one panel).
+# RL score_mean/gold_mean/kl/entropy, DPO rewards/margin, KTO rewards/chosen and rewards/rejected, SFT/DPO loss
+# and eval/loss, the engine's lr). Keys of one group share a scale (RL's `kl` is per sequence, `approx_kl` per
+# token: never in one panel).
 PANELS = {
-    "reward": [["score_mean", "gold_mean"], ["rewards/margin", "eval/rewards/margin"], ["reward"]],
+    "reward": [["score_mean", "gold_mean"], ["rewards/margin", "eval/rewards/margin"],
+               ["rewards/chosen", "rewards/rejected", "eval/rewards/chosen", "eval/rewards/rejected"], ["reward"]],
     "KL (nats)": [["kl"], ["approx_kl"]],
     "entropy (nats)": [["entropy", "entropy_sampled"]],
     "loss": [["loss", "eval/loss"]],

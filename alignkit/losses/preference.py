@@ -197,8 +197,10 @@ def kto_loss(
     paired with another example's completion, `kl_policy_logps` / `kl_ref_logps` (M,). It is clamped
     at 0 and carries no gradient. `desirable` (B,) is bool; log-probs are sums over completion tokens.
     Same as TRL's KTOTrainer (loss_type="kto", desirable_weight, undesirable_weight). Metrics: `kl`
-    (z0) and the mean implicit reward beta r of the desirable (`rewards/chosen`) and undesirable
-    (`rewards/rejected`) rows, each weighted by this batch's share B / N of the global batch.
+    (z0, weighted by this batch's share B / N of the global batch) and the mean implicit reward beta r
+    of the desirable (`rewards/chosen`) and undesirable (`rewards/rejected`) rows, each a tuple
+    (sum, count) so that the engine averages over the global batch's rows of that kind (a batch without
+    any logs none).
     """
     ratio = policy_logps.float() - ref_logps.float()  # (B,)
     z0 = (kl_policy_logps.float() - kl_ref_logps.float()).mean().clamp(min=0).detach()
@@ -209,10 +211,8 @@ def kto_loss(
     n = _n(per_example, normaliser)
     with torch.no_grad():
         rewards, share = beta * ratio, ratio.shape[0] / n  # share: this batch's weight in the global mean
-        chosen = (rewards * want).sum() / want.sum().clamp(min=1)
-        rejected = (rewards * ~want).sum() / (~want).sum().clamp(min=1)
-        metrics = {"kl": z0 * share, "rewards/chosen": chosen * share, "rewards/rejected": rejected * share,
-                   "rewards/margin": (chosen - rejected) * share}
+        metrics = {"kl": z0 * share, "rewards/chosen": ((rewards * want).sum(), want.sum()),
+                   "rewards/rejected": ((rewards * ~want).sum(), (~want).sum())}
     return per_example.sum() / n, metrics
 
 
