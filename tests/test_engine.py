@@ -130,6 +130,22 @@ def test_a_metric_given_as_sum_and_count_is_averaged_over_the_counted_rows(tmp_p
     assert "never" not in metrics  # counted no row at all: not logged as 0
 
 
+def test_metrics_lines_are_strict_json(tmp_path):
+    """A NaN metric (an RL run's gold monitor, say) is written as null: Python's NaN token is not JSON."""
+    from accelerate import Accelerator
+
+    from alignkit.engine.logging import RunLogger
+
+    with RunLogger(Accelerator(cpu=True), tmp_path, total_steps=1, start_step=0, desc="t") as logger:
+        logger.log(1, {"loss": 0.5, "gold_mean": float("nan"), "kl": torch.tensor(float("inf"))})
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    line = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert line["gold_mean"] is None and line["kl"] is None and line["loss"] == 0.5
+
+
 def _sft_cmd(model_dir, sft_files, out, *extra):
     train, evalf = sft_files
     return CLI + ["sft", f"model.path={model_dir}", f"data.train={train}", f"data.eval={evalf}",

@@ -92,8 +92,9 @@ class DPOConfig:
     lambda_d: float = option(1.0, "KTO: weight of desirable examples")
     lambda_u: float = option(1.0, "KTO: weight of undesirable examples")
     reference: str = option("cached", "cached: reference log-probs computed once before training; live: every step")
-    reference_model: str | None = option(None, "Reference policy directory; null = the initial policy "
-                                               "(with LoRA: the base with the adapter disabled)")
+    reference_model: str | None = option(None, "Reference policy directory, for the loss (not simpo, orpo) and for "
+                                               "kl.json; null = the initial policy (with LoRA: the base with the "
+                                               "adapter disabled)")
     output_dir: str = option("runs/dpo", "Run directory: metrics.jsonl, kl.json, reference_logps.pt, model/")
 
     def validate(self):

@@ -252,15 +252,16 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write one JSON document (reports, summaries, metadata), indented, atomically. NaN and infinities
     become null, so the file is strict JSON (readable by browsers and jq)."""
     with atomic_open(path) as f:
-        f.write(json.dumps(_finite(data), indent=1, ensure_ascii=False, default=_to_json) + "\n")
+        f.write(json.dumps(finite_json(data), indent=1, ensure_ascii=False, default=_to_json) + "\n")
     return Path(path)
 
 
-def _finite(value):
+def finite_json(value):
+    """`value` with every NaN and infinity (in nested dicts and lists) replaced by None: strict JSON's null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from alignkit.data.jsonl import atomic_open
+from alignkit.data.jsonl import atomic_open, finite_json
 from alignkit.errors import UserError
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -62,7 +62,7 @@ class RunLogger:
             self.t_last, self.tokens = now, 0
         if self.acc.is_main_process:
             with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                f.write(json.dumps(finite_json({"step": step, **metrics})) + "\n")  # NaN: null
             short = {k: metrics[k] for k in ("loss", "score_mean", "kl", "lr", "tokens_per_s", "eval/loss")
                      if k in metrics}
             if short:
