@@ -9,6 +9,7 @@ import torch
 from alignkit.algorithms.best_of_n import BestOfNConfig, best_of_n_kl, pick_best, run_best_of_n, sample_and_score
 from alignkit.algorithms.rejection_sampling import RejectionSamplingConfig, run_rejection_sampling, select_top
 from alignkit.engine.config import TrainConfig
+from alignkit.errors import UserError
 from alignkit.models.load import LoraConfig, ModelConfig
 from alignkit.models.tiny import tiny_llama, tiny_tokenizer
 from alignkit.rollout.generate import SamplingConfig
@@ -107,3 +108,16 @@ def test_rejection_sampling_two_rounds(tmp_path, tiny_llama_dir):
     assert all(r["reward_kept"] >= r["reward_mean"] and r["examples"] == 8 for r in rounds)
     assert all(math.isfinite(r["sft_loss"]) for r in rounds)
     assert (model_dir / "config.json").is_file()
+
+
+def test_rejection_sampling_with_too_few_prompts_fails_before_sampling(tmp_path, tiny_llama_dir, monkeypatch):
+    import alignkit.algorithms.rejection_sampling as rs
+
+    monkeypatch.setattr(rs, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {i}"} for i in range(3)])
+    cfg = RejectionSamplingConfig(
+        model=ModelConfig(tiny_llama_dir), prompts=str(prompts), reward="test_best_of_n:n_chars", n=2, keep=2,
+        train=TrainConfig(batch_size=8, micro_batch_size=8, report_to=[]), output_dir=str(tmp_path / "rs"))
+    with pytest.raises(UserError, match=r"3 prompts x keep 2 give at most 6 .* fewer than train.batch_size \(8\)"):
+        run_rejection_sampling(cfg)
+    assert not (tmp_path / "rs").exists()

@@ -177,6 +177,17 @@ def test_bad_kl_prompts_fail_before_training(tmp_path, pair_files, tiny_llama_di
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_too_few_rows_fail_before_the_reference_is_scored(tmp_path, pair_files, tiny_llama_dir, monkeypatch):
+    import alignkit.algorithms.dpo as dpo
+
+    monkeypatch.setattr(dpo, "cache_reference", lambda *a, **k: pytest.fail("reference scored before the check"))
+    cfg = DPOConfig(model=ModelConfig(tiny_llama_dir), data=DPODataConfig(train=pair_files[0], eval=None),
+                    output_dir=str(tmp_path / "run"),
+                    train=TrainConfig(batch_size=4096, micro_batch_size=8, max_steps=2, report_to=[]))
+    with pytest.raises(UserError, match=r"training rows, fewer than train.batch_size \(4096\)"):
+        run_dpo(cfg)
+
+
 def test_dpo_learns_the_preference(tmp_path, pair_files, tiny_llama_dir):
     lines, kl = _run(tmp_path, pair_files, "dpo", model=tiny_llama_dir)
     first, final = lines[0], lines[-1]

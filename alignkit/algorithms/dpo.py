@@ -277,6 +277,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     acc.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.path)
     train_rows, eval_rows = _load_rows(cfg, tokenizer)
+    engine.steps_per_epoch(len(train_rows))  # too few rows: say so before the reference log-probs are computed
     kl_prompts = _kl_prompts(cfg, eval_rows) if cfg.kl.samples else []  # read now: a bad file fails before training
     model = load_causal_lm(cfg.model, cfg.lora)
     check_context(model, cfg.data.max_length)

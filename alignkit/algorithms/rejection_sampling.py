@@ -104,6 +104,9 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> Path:
         raise UserError(f"output_dir {out} is not empty, and rejection sampling does not resume: pick another")
     tokenizer = load_tokenizer(cfg.model.path)
     prompts = prompt_rows(cfg.prompts, cfg.max_prompts, demo="prompts_train")
+    if len(prompts) * cfg.keep < cfg.train.batch_size:  # say so before sampling, not at the first fine-tuning
+        raise UserError(f"{len(prompts)} prompts x keep {cfg.keep} give at most {len(prompts) * cfg.keep} fine-tuning "
+                        f"rows per round, fewer than train.batch_size ({cfg.train.batch_size})")
     score = load_reward(cfg.reward)
     model = load_causal_lm(cfg.model, cfg.lora)
     check_context(model, cfg.max_length, "max_length")

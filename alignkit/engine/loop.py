@@ -186,13 +186,18 @@ class Engine:
             save_config(config or {}, self.run_dir / "config.yaml")
         self.accelerator.init_trackers("alignkit", config=_flat(config or {}))
 
+    def steps_per_epoch(self, n_rows: int) -> int:
+        """Optimiser steps in one pass over `n_rows` training rows; fewer rows than one batch is an error (stages
+        with costly work before `fit`, such as DPO's reference log-probs, call this first)."""
+        if n_rows < self.cfg.batch_size:
+            raise UserError(f"only {n_rows} training rows, fewer than train.batch_size ({self.cfg.batch_size})")
+        return n_rows // self.cfg.batch_size
+
     def fit(self, model, algorithm, train_rows: list, eval_rows: list | None = None, config: dict | None = None,
             desc: str = "train"):
         """Train `model` on `train_rows`; returns the (unwrapped-able) model and the last eval metrics."""
         cfg, acc = self.cfg, self.accelerator
-        steps_per_epoch = len(train_rows) // cfg.batch_size
-        if steps_per_epoch == 0:
-            raise UserError(f"only {len(train_rows)} training rows, fewer than train.batch_size ({cfg.batch_size})")
+        steps_per_epoch = self.steps_per_epoch(len(train_rows))
         total = cfg.max_steps or cfg.epochs * steps_per_epoch
         model.train()
         optimizer, scheduler = self.make_optimizer(model, total)
