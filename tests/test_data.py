@@ -91,6 +91,8 @@ def test_read_jsonl_keeps_extra_fields_and_skips_blank_lines(tmp_path):
     "lines, expected",
     [
         (['{"prompt": "a" "completion": "b"}'], "t.jsonl:1: not valid JSON (Expecting ',' delimiter at column 16)"),
+        (['{"prompt": "a", "completion": "b"'], "t.jsonl:1: not valid JSON (Expecting ',' delimiter at column 34)"),
+        (['{"prompt": "a", "completion": "b'], "t.jsonl:1: not valid JSON (Unterminated string starting at column 31)"),
         (["", "", "", '{"prompt": "a"}'],
          "t.jsonl:4: missing field 'completion' (an SFT row needs prompt+completion or messages)"),
         (['{"prompt": "a", "completion": "b"}'] * 8 + ['{"prompt": 3, "completion": "b"}'],

@@ -57,6 +57,11 @@ def _validated(where: str, row: Any, schema: Schema | None) -> dict:
     return row
 
 
+def _json_error(e: json.JSONDecodeError) -> str:
+    # some messages end in "at" ("Unterminated string starting at"): no "at at column"
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
+
+
 def _iter_json_lines(path: Path, schema: Schema | None) -> Iterator[tuple[str, dict]]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -70,9 +75,9 @@ def _iter_json_lines(path: Path, schema: Schema | None) -> Iterator[tuple[str, d
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # a column past the end names the line's end, not "column 1"
             except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(f"{where}: not valid JSON ({_json_error(e)})") from None
             yield where, _validated(where, row, schema)
 
 
@@ -83,7 +88,7 @@ def _iter_json_array(path: Path, schema: Schema | None) -> Iterator[tuple[str, d
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte {e.start + 1}); save the file as UTF-8") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({_json_error(e)})") from None
     for i, row in enumerate(rows, start=1):
         where = f"{path}:row {i}"
         yield where, _validated(where, row, schema)
