@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import math
 import os
 import tempfile
@@ -104,12 +105,17 @@ def _load_parquet(path: Path) -> list[dict]:
     """Rows of a Parquet file through `datasets` (in memory, nothing left in the HF cache)."""
     from datasets import Dataset
 
+    quiet = logging.getLogger("datasets")  # it logs a reader's error before raising it: we report it once, below
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         with tempfile.TemporaryDirectory(prefix="alignkit-datasets-") as cache:
             return Dataset.from_parquet(str(path), keep_in_memory=True, cache_dir=cache).to_list()
     except Exception as e:  # datasets wraps the reader's error; show the cause
         cause = e.__cause__ or e
         raise UserError(f"{path}: could not read as Parquet ({_one_line(cause)[:300]}); check the file") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def _load_csv(path: Path, schema: Schema | None) -> list[dict]:
