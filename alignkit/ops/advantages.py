@@ -5,6 +5,8 @@ response, so the k samples of one prompt share a group id.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -34,34 +36,49 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def _group_stats(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per response: (sum of its group's scores, group size, unbiased group std)."""
+    """Per response: (its group's mean score, group size, unbiased group std).
+
+    A group whose scores are all equal gets exactly that score as its mean, hence std 0 and advantage 0: a float32
+    sum divided by the count can miss it by a rounding error (e.g. three scores of 0.7717 give a mean 6e-8 off),
+    which the std division of GRPO would then blow up into a same-sign advantage for the whole group.
+    """
     _, index = torch.unique(group, return_inverse=True)
     n = int(index.max()) + 1
     count = torch.zeros(n, dtype=scores.dtype, device=scores.device).index_add_(0, index, torch.ones_like(scores))
     total = torch.zeros_like(count).index_add_(0, index, scores)
-    mean = total / count
+    high = torch.full_like(count, -math.inf).scatter_reduce(0, index, scores, "amax")
+    low = torch.full_like(count, math.inf).scatter_reduce(0, index, scores, "amin")
+    mean = torch.where(high == low, high, total / count)
     sq = torch.zeros_like(count).index_add_(0, index, (scores - mean[index]) ** 2)
     std = (sq / (count - 1).clamp_min(1)).sqrt()
-    return total[index], count[index], std[index]
+    return mean[index], count[index], std[index]
 
 
 def group_normalised(scores: torch.Tensor, group: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """GRPO (Shao et al. 2024, DeepSeekMath): A_i = (s_i - mean_g(s)) / (std_g(s) + eps), std unbiased."""
-    total, count, std = _group_stats(scores, group)
-    return (scores - total / count) / (std + eps)
+    mean, _, std = _group_stats(scores, group)
+    return (scores - mean) / (std + eps)
 
 
 def group_centred(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_i = s_i - mean_g(s); no std
     division, which up-weights prompts that are too easy or too hard."""
-    total, count, _ = _group_stats(scores, group)
-    return scores - total / count
+    mean, _, _ = _group_stats(scores, group)
+    return scores - mean
 
 
 def leave_one_out(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): A_i = s_i - (1 / (k - 1)) sum_{j != i} s_j."""
-    total, count, _ = _group_stats(scores, group)
-    return scores - (total - scores) / (count - 1).clamp_min(1)
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): A_i = s_i - (1 / (k - 1)) sum_{j != i} s_j,
+    computed as the equal k / (k - 1) (s_i - mean_g(s)) (exactly 0 for a group of equal scores)."""
+    mean, count, _ = _group_stats(scores, group)
+    return count / (count - 1).clamp_min(1) * (scores - mean)
+
+
+def equal_groups(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: True where every response of the group got the same score (DAPO's dynamic sampling
+    drops these: their group-relative advantage is 0 and only adds noise to the normaliser)."""
+    _, _, std = _group_stats(scores, group)
+    return std == 0
 
 
 class MovingAverage:
@@ -79,10 +96,3 @@ class MovingAverage:
     def update(self, scores: torch.Tensor) -> None:
         mean = float(scores.mean())
         self.value = mean if self.value is None else self.momentum * self.value + (1 - self.momentum) * mean
-
-
-def equal_groups(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: True where every response of the group got the same score (DAPO's dynamic sampling
-    drops these: their group-relative advantage is 0 and only adds noise to the normaliser)."""
-    _, _, std = _group_stats(scores, group)
-    return std == 0
