@@ -162,6 +162,22 @@ def test_collect_rollout_contract():
     assert r.metrics()["gold_mean"] == pytest.approx(sum(map(len, texts)) / 6)
 
 
+def test_rollouts_and_kl_samples_stop_at_the_models_end_of_turn():
+    """A chat model's end-of-turn id in its generation config (not the tokenizer's EOS) ends a response in the RL
+    rollout and in the KL / eval samples, as it does in `generate_text`: they ran to max_new_tokens past it."""
+    from alignkit.algorithms.policy_kl import sample_sequences
+
+    tok, policy = tiny_tokenizer(), tiny_llama(seed=2)
+    greedy = SamplingConfig(max_new_tokens=6, do_sample=False)
+    first = sample_sequences(policy, tok, ["review one"], greedy, chat_template=False)[0][1][0]
+    assert first != tok.eos_token_id
+    policy.generation_config.eos_token_id = [tok.eos_token_id, first]  # the end of turn: the greedy first token
+    assert sample_sequences(policy, tok, ["review one"], greedy, chat_template=False)[0][1] == [first]
+    r = collect_rollout(policy, tok, [{"prompt": "review one"}], CallableReward(lambda p, c: [1.0] * len(c)),
+                        greedy, need_ref=False, chat_template=False, no_eos_penalty=-1.0)
+    assert r.response_mask.sum().item() == 1 and r.scores.tolist() == [1.0]  # ended: no length penalty
+
+
 def nan_reward(prompts, completions, **row_fields):
     return [float("nan")] * len(completions)
 

@@ -17,7 +17,7 @@ import torch
 
 from alignkit.algorithms.reference import Reference, sequence_logps
 from alignkit.data.preference_tokens import Seq, collate_sequences, prompt_ids
-from alignkit.rollout.generate import SamplingConfig, generate
+from alignkit.rollout.generate import SamplingConfig, generate, stop_token_ids
 
 
 def pad_id(tokenizer) -> int:
@@ -35,7 +35,8 @@ def sample_sequences(model, tokenizer, prompts: Sequence, sampling: SamplingConf
     device = next(model.parameters()).device
     batch = collate_sequences([(p, []) for p in ids], pad_id(tokenizer))
     out = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), sampling,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer), generator=generator)
+                   eos_token_id=stop_token_ids(model, tokenizer) or None, pad_token_id=pad_id(tokenizer),
+                   generator=generator)
     responses = [row[mask].tolist() for row, mask in zip(out.response_ids.cpu(), out.response_mask.cpu())]
     return list(zip(ids, responses))
 

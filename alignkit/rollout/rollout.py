@@ -26,7 +26,7 @@ from alignkit.data.preferences import prompt_of
 from alignkit.models.forward import prefix_forward, unique_prompts
 from alignkit.models.load import is_peft, on_device_of, unwrap
 from alignkit.ops.logprobs import token_logps
-from alignkit.rollout.generate import SamplingConfig, generate
+from alignkit.rollout.generate import SamplingConfig, generate, stop_token_ids
 
 
 @dataclass
@@ -148,13 +148,13 @@ def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: Sampl
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = _left_pad([prompt_ids(prompt_of(r), tokenizer, chat_template) for r in rows], pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    gen = generate(policy, ids, mask, sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
-                   generator=generator)
+    stops = stop_token_ids(unwrap(policy), tokenizer)  # the tokenizer's EOS and the model's end-of-turn ids
+    gen = generate(policy, ids, mask, sampling, eos_token_id=stops or None, pad_token_id=pad_id, generator=generator)
     texts = tokenizer.batch_decode(gen.response_ids.masked_fill(~gen.response_mask, pad_id), skip_special_tokens=True)
     extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "messages")}
     prompts = [prompt_of(r) for r in rows]
     scores = checked_scores(reward.score(prompts, texts, **extra), prompts, texts).float()
-    scores = length_penalty(scores, _ended(gen, {tokenizer.eos_token_id}), no_eos_penalty)
+    scores = length_penalty(scores, _ended(gen, set(stops)), no_eos_penalty)
     group = torch.arange(len(rows) // group_size).repeat_interleave(group_size)
     out = Rollout(ids, mask, gen.response_ids, gen.response_mask, gen.logps, torch.zeros_like(gen.logps),
                   scores.to(device), group.to(device))
