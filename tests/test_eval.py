@@ -245,3 +245,12 @@ def test_evaluate_policy_api_with_tempered_sampling(tiny_llama_dir, tiny_gpt2_di
     assert "kl" not in result["samples"][0] and m["win_rate/gold"] == 0.5
     assert m["perplexity"] != pytest.approx(m["perplexity/policy"])  # scored by the other (GPT-2) model
     assert "proxy" not in result["calibration"] and "reward/gap" not in m
+
+
+def test_metrics_of_lists_of_different_lengths_are_an_error():
+    """rouge divided by the number of references, bleu_chrf scored BLEU 0 / chrF 100, win_rate broadcast."""
+    for fn in (rouge, bleu_chrf):
+        with pytest.raises(ValueError, match="1 completions but 2 references"):
+            fn(["the cat sat"], ["the cat sat", "dog"])
+    with pytest.raises(ValueError, match="one baseline per score"):
+        win_rate(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0]))

@@ -13,6 +13,7 @@ from alignkit.losses.preference import (
     dpo_loss,
     ipo_loss,
     kto_loss,
+    log1mexp,
     orpo_loss,
     simpo_loss,
 )
@@ -236,3 +237,25 @@ def test_kto_matches_trl():
                              lambda_d=1.3, lambda_u=0.8)
     assert ours.item() == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["kl"].item() == pytest.approx(trainer._metrics["train"]["kl"][-1], rel=1e-5)
+
+
+def test_inputs_of_different_lengths_are_an_error():
+    """A (1,) against a (B,) broadcast into a loss over pairs that do not exist."""
+    from alignkit.losses.reward import bradley_terry_loss
+
+    with pytest.raises(ValueError, match=r"one entry per pair\), got chosen_logps \(2,\), rejected_logps \(1,\)"):
+        dpo_loss(t(1.0, 2.0), t(1.0), t(0.0, 0.0), t(0.0, 0.0))
+    with pytest.raises(ValueError, match="chosen_rewards"):
+        bradley_terry_loss(t(1.0, 2.0), t(0.0))
+    with pytest.raises(ValueError, match="policy_logps"):
+        kto_loss(t(1.0, 2.0), t(1.0), torch.tensor([True, False]), t(0.0), t(0.0))
+
+
+def test_orpo_gradient_is_finite_for_a_memorised_completion():
+    """Mean log-prob within ~3e-8 of 0: the unused branch of log1mexp (log1p(-exp(x)) = -inf) made the gradient NaN."""
+    chosen = t(-1e-9).requires_grad_()
+    loss, _ = orpo_loss(chosen, t(-2.0))
+    loss.backward()
+    assert torch.isfinite(chosen.grad).all()
+    assert log1mexp(t(-1e-3)).item() == pytest.approx(math.log(-math.expm1(-1e-3)), rel=1e-6)
+    assert log1mexp(t(-5.0)).item() == pytest.approx(math.log1p(-math.exp(-5.0)), rel=1e-6)

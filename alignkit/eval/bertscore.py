@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 
+from alignkit.eval.text import as_reference_lists
+
 
 class BERTScorer:
     """`scorer.score(candidates, references) -> {"precision", "recall", "f1"}` tensors (N,).
@@ -67,7 +69,7 @@ class BERTScorer:
 
     def score(self, candidates: Sequence[str], references: Sequence) -> dict[str, torch.Tensor]:
         """P, R, F1 (N,) of each candidate against its reference (a string or a list of strings)."""
-        refs = [[r] if isinstance(r, str) else list(r) for r in references]
+        refs = as_reference_lists(candidates, references)
         flat = [r for row in refs for r in row]
         ref_emb = self.embed(flat)
         cand_emb = self.embed(list(candidates))

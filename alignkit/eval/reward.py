@@ -119,6 +119,8 @@ def gold_agreement(delta: torch.Tensor, gap: torch.Tensor, bins: int = 4) -> dic
 
 def win_rate(scores: torch.Tensor, baseline: torch.Tensor) -> float:
     """mean([s_i > b_i] + [s_i = b_i] / 2): how often the policy beats the baseline on the same prompt."""
+    if scores.shape != baseline.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and baseline {tuple(baseline.shape)}: one baseline per score")
     s, b = scores.double(), baseline.double()
     return float(((s > b).double() + 0.5 * (s == b).double()).mean())
 

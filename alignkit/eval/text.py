@@ -73,8 +73,11 @@ def diversity(texts: Sequence[str], segment: int = 100) -> dict:
     return out
 
 
-def as_reference_lists(references: Sequence) -> list[list[str]]:
-    """Each row's references as a non-empty list of strings (a single string becomes a list of one)."""
+def as_reference_lists(completions: Sequence[str], references: Sequence) -> list[list[str]]:
+    """Each completion's references as a non-empty list of strings (a single string becomes a list of one)."""
+    if len(completions) != len(references):
+        raise ValueError(f"{len(completions)} completions but {len(references)} references: give one entry (a string "
+                         "or a list of strings) per completion")
     out = [[r] if isinstance(r, str) else list(r) for r in references]
     if any(not refs for refs in out):
         raise ValueError("every completion needs at least one reference")
@@ -87,7 +90,7 @@ def bleu_chrf(completions: Sequence[str], references: Sequence) -> dict:
     max/min over references)."""
     import sacrebleu
 
-    refs = as_reference_lists(references)
+    refs = as_reference_lists(completions, references)
     k = max(len(r) for r in refs)
     streams = [[r[j] if j < len(r) else r[0] for r in refs] for j in range(k)]  # k streams of len(completions)
     return {"text/bleu": sacrebleu.corpus_bleu(list(completions), streams).score,
@@ -101,7 +104,7 @@ def rouge(completions: Sequence[str], references: Sequence) -> dict:
     kinds = ("rouge1", "rouge2", "rougeL")
     scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
     totals = dict.fromkeys(kinds, 0.0)
-    refs = as_reference_lists(references)
+    refs = as_reference_lists(completions, references)
     for completion, row_refs in zip(completions, refs):
         scores = scorer.score_multi(row_refs, completion)
         for kind in kinds:

@@ -168,6 +168,9 @@ class PairwiseJudge:
     def compare(self, prompts: Sequence, a: Sequence[str], b: Sequence[str], questions: Sequence[str]) -> Comparison:
         """Judge every pair (a_i, b_i) in both orders (one batched pass over 2N prompts)."""
         n = len(a)
+        if not len(prompts) == n == len(b) == len(questions):
+            raise ValueError(f"{len(prompts)} prompts, {n} and {len(b)} completions, {len(questions)} questions: "
+                             "give one of each per comparison")
         p, rationales = self.letter_probs([*prompts, *prompts], [*a, *b], [*b, *a], [*questions, *questions])
         pairs = list(zip(rationales[:n], rationales[n:])) if rationales is not None else None
         return Comparison(p[:n], p[n:], pairs)

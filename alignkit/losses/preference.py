@@ -29,6 +29,15 @@ def _n(batch: Tensor, normaliser: float | None) -> float:
     return float(batch.shape[0]) if normaliser is None else normaliser
 
 
+def same_shape(**tensors: Tensor | None) -> None:
+    """ValueError unless the given tensors (None: absent) share one shape: a (1,) against a (B,) would broadcast
+    into a loss over pairs that do not exist."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if isinstance(v, Tensor)}
+    if len(set(shapes.values())) > 1:
+        raise ValueError("inputs must share one shape (one entry per pair), got "
+                         + ", ".join(f"{k} {s}" for k, s in shapes.items()))
+
+
 def _pair_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, n: float) -> dict[str, Tensor]:
     """Implicit-reward metrics of a batch of pairs, each a sum / n (ties count 1/2 towards accuracy)."""
     with torch.no_grad():
@@ -61,6 +70,8 @@ def dpo_loss(
     a per-pair soft label in [0, 1] (`label`, shape (B,)), or 1 - epsilon for cDPO. The implicit
     rewards are beta (log pi - log pi_ref). All log-probs (B,) are sums over completion tokens.
     """
+    same_shape(chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+               ref_rejected_logps=ref_rejected_logps, label=label)
     chosen_ratio = chosen_logps.float() - ref_chosen_logps.float()  # (B,)
     rejected_ratio = rejected_logps.float() - ref_rejected_logps.float()  # (B,)
     logits = beta * (chosen_ratio - rejected_ratio)  # (B,)
@@ -111,6 +122,8 @@ def ipo_loss(
     the completion (sum / |y|): the convention of TRL (checked with the IPO authors), which keeps
     tau comparable across completion lengths. Implicit rewards are tau (mean log-ratio).
     """
+    same_shape(chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+               ref_rejected_logps=ref_rejected_logps)
     chosen_ratio = chosen_logps.float() - ref_chosen_logps.float()  # (B,)
     rejected_ratio = rejected_logps.float() - ref_rejected_logps.float()  # (B,)
     per_pair = (chosen_ratio - rejected_ratio - 1 / (2 * tau)) ** 2
@@ -133,6 +146,7 @@ def simpo_loss(
     here are per-token MEANS), and gamma > 0 is a target reward margin. The paper uses beta 2-2.5 and
     gamma / beta about 0.5. Same as TRL's CPO trainer with loss_type="simpo", simpo_gamma=gamma.
     """
+    same_shape(chosen_logps=chosen_logps, rejected_logps=rejected_logps)
     chosen_rewards = beta * chosen_logps.float()  # (B,)
     rejected_rewards = beta * rejected_logps.float()  # (B,)
     per_pair = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
@@ -141,8 +155,11 @@ def simpo_loss(
 
 
 def log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler 2012)."""
-    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler 2012). Each branch sees only inputs
+    of its own side: the unused branch's infinite gradient would otherwise turn the where's into NaN (near x = 0,
+    where log1p(-exp(x)) is -inf in float32)."""
+    cut = -0.6931471805599453
+    return torch.where(x < cut, torch.log1p(-torch.exp(x.clamp(max=cut))), torch.log(-torch.expm1(x.clamp(min=cut))))
 
 
 def orpo_loss(
@@ -163,6 +180,7 @@ def orpo_loss(
     and completion tokens of the whole batch). Log-probs here are per-token MEANS. Metrics: the
     implicit rewards lam * mean log pi (as TRL logs them), `nll` and `log_odds_ratio`.
     """
+    same_shape(chosen_logps=chosen_logps, rejected_logps=rejected_logps)
     chosen, rejected = chosen_logps.float(), rejected_logps.float()  # (B,)
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))  # (B,)
     odds_term = -F.logsigmoid(log_odds)
@@ -202,6 +220,8 @@ def kto_loss(
     (sum, count) so that the engine averages over the global batch's rows of that kind (a batch without
     any logs none).
     """
+    same_shape(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
+    same_shape(kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps)
     ratio = policy_logps.float() - ref_logps.float()  # (B,)
     z0 = (kl_policy_logps.float() - kl_ref_logps.float()).mean().clamp(min=0).detach()
     want = desirable.bool()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from alignkit.losses.preference import same_shape
+
 
 def bradley_terry_loss(
     chosen_rewards: torch.Tensor,
@@ -34,6 +36,8 @@ def bradley_terry_loss(
     micro-batches gives the global-batch mean: accuracy (share with r_w > r_l, ties count 1/2),
     chosen_reward, rejected_reward and reward_margin (mean r_w - r_l).
     """
+    same_shape(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, margin=margin, label=label,
+               weight=weight)
     chosen, rejected = chosen_rewards.float(), rejected_rewards.float()
     weight = torch.ones_like(chosen) if weight is None else weight.float()
     delta = chosen - rejected if margin is None else chosen - rejected - margin.float()  # (B,)
