@@ -117,6 +117,7 @@ def test_csrf_is_checked_on_every_form(lab):
     ([0, 1, 2, 3], {"helpful_0": "6"}, "helpful_0"),
     ([0, 1, 2, 3], {"harmless_9": "1", "flag_2": "evil"}, "flag_2"),
     ([0, 1, 2, 3], {"note": "x" * 2001}, "note"),
+    ("[" * 1500 + "]" * 1500, {}, "nested too deep"),
 ])
 def test_invalid_labels_are_refused_and_not_stored(lab, ranking, fields, message):
     app = lab()
@@ -128,6 +129,17 @@ def test_invalid_labels_are_refused_and_not_stored(lab, ranking, fields, message
     assert r.status_code == 400 and message in r.text
     assert db.count(app.engine, db.labels) == 0
     assert shown(r)[0] == shown(page)[0]  # the same prompt is shown again, with the error
+
+
+@pytest.mark.parametrize("path", ["/label", "/skip"])
+def test_an_assignment_id_out_of_the_keys_range_is_refused(lab, path):
+    app = lab()
+    ann = app.client("ann")
+    page = ann.get("/label")
+    for aid in (2**63, 2**31, 0):
+        r = ann.post(path, data={"csrf": csrf(page), "assignment_id": str(aid), "ranking": "[0, 1, 2, 3]"})
+        assert r.status_code == 400 and "field &#39;assignment_id&#39; must be an assignment number" in r.text
+    assert db.count(app.engine, db.labels) == 0 and shown(ann.get("/label"))[0] == shown(page)[0]
 
 
 def test_payloads_render_as_text(lab):
@@ -243,6 +255,64 @@ def test_export_is_ready_for_rm_and_dpo_and_agreement_is_right(lab, capsys):
     assert r.status_code == 200 and [json.loads(x) for x in r.text.splitlines()] == [
         json.loads(x) for x in (Path(app.tmp) / "pairs.jsonl").read_text().splitlines()]
     assert "0.833" in boss.get("/admin").text
+
+
+def test_export_has_the_labelers_ranking_not_the_imported_files(tmp_path):
+    # a file labelled already (simulated labelers: ranking and gold; pair fields too) imported for human labels
+    sets = tmp_path / "ranked.jsonl"
+    sets.write_text(json.dumps({"prompt": "Rate.", "completions": ["good", "ok", "bad"], "ranking": [2, 1, 0],
+                                "gold": [0.9, 0.5, 0.1], "chosen": "bad", "rejected": "good", "label": 0.2,
+                                "margin": 1.0, "note": "file", "topic": "x"}) + "\n")
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    engine = db.connect(url)
+    assert db.import_completion_sets(engine, sets) == (1, 0)
+    ann = db.find_labeler(engine, token=db.add_labeler(engine, "ann"))
+    item = db.current_assignment(engine, ann["id"], per_prompt=1, rng=random.Random(0))
+    pos = {c: p for p, c in enumerate(item["order"])}
+    assert db.save_label(engine, ann["id"], item["assignment_id"], [[pos[0]], [pos[1]], [pos[2]]], {}, {}, "")
+    for fmt in ("rankings", "pairs"):
+        out = str(tmp_path / f"{fmt}.jsonl")
+        assert cli_main(["label", "export", "--url", url, "--format", fmt, "--output", out]) == 0
+    [row] = read_rankings(tmp_path / "rankings.jsonl")
+    assert (row["ranking"], row["note"], row["gold"], row["topic"]) == ([0, 1, 2], "", [0.9, 0.5, 0.1], "x")
+    assert not {"chosen", "rejected", "label", "margin"} & row.keys()
+    pairs = read_pairs(tmp_path / "pairs.jsonl")
+    assert [(p["chosen"], p["rejected"], p["chosen_gold"]) for p in pairs] == [
+        ("good", "ok", 0.9), ("good", "bad", 0.9), ("ok", "bad", 0.5)]
+    assert not any({"label", "margin"} & p.keys() for p in pairs)
+
+
+@pytest.mark.parametrize("first, second, key", [
+    ({"prompt_id": 5}, {"id": "5"}, "'5'"),
+    ({"prompt_id": 5}, {"prompt_id": "5"}, "'5'"),
+    ({}, {}, "'sha1:"),  # no ids: the same prompt and completions twice
+])
+def test_import_refuses_two_rows_of_a_file_with_one_prompt_id(tmp_path, capsys, first, second, key):
+    sets = tmp_path / "sets.jsonl"
+    row = {"prompt": "a", "completions": ["x", "y"]}
+    sets.write_text(json.dumps({**row, **first}) + "\n\n" + json.dumps({**row, **second}) + "\n")
+    dbp = str(tmp_path / "l.db")
+    assert cli_main(["label", "import", "--db", dbp, str(sets)]) == 2
+    err = capsys.readouterr().err
+    assert f"{sets}:1 and {sets}:3 both get the prompt id {key}" in err and err.count("\n") == 1
+    assert db.count(db.connect(f"sqlite:///{dbp}"), db.prompts) == 0
+
+
+def test_import_refuses_more_completions_than_the_page_can_name(tmp_path, capsys):
+    sets = tmp_path / "sets.jsonl"
+    sets.write_text("".join(json.dumps({"prompt": f"p{k}", "completions": [f"c{i}" for i in range(k)]}) + "\n"
+                            for k in (26, 27)))
+    dbp = str(tmp_path / "l.db")
+    assert cli_main(["label", "import", "--db", dbp, str(sets)]) == 2
+    assert f"{sets}:2: 27 completions; the labelling app shows at most 26" in capsys.readouterr().err
+    sets.write_text(sets.read_text().splitlines()[0] + "\n")
+    app = create_app(f"sqlite:///{dbp}", per_prompt=1)
+    assert db.import_completion_sets(app.state.ctx.engine, sets) == (1, 0)
+    c = TestClient(app, follow_redirects=False)
+    token = db.add_labeler(app.state.ctx.engine, "ann")
+    assert c.post("/login", data={"token": token, "csrf": csrf(c.get("/login"))}).status_code == 303
+    page = c.get("/label")
+    assert page.status_code == 200 and len(shown(page)[1]) == 26 and "[Z]" in page.text
 
 
 def test_krippendorff_alpha_matches_published_values():

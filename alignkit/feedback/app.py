@@ -24,7 +24,7 @@ from alignkit.feedback.forms import DIMENSIONS, FLAGS, MAX_NOTE, SCALE, FormErro
 from alignkit.feedback.report import export_rows, progress
 from alignkit.feedback.templates import CSP, environment
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # a completion's name on the page: db.MAX_K = 26 at most
 
 
 @dataclass
@@ -85,9 +85,12 @@ async def form_data(request: Request) -> dict[str, list[str]]:
 
 def _assignment_id(form: dict) -> int:
     try:
-        return int(form.get("assignment_id", [""])[0])
+        assignment_id = int(form.get("assignment_id", [""])[0])
     except ValueError:
         raise FormError("field 'assignment_id' must be an integer") from None
+    if not 0 < assignment_id < 2**31:  # an Integer key's range in every database (32-bit in PostgreSQL)
+        raise FormError(f"field 'assignment_id' must be an assignment number, 1 to {2**31 - 1}")
+    return assignment_id
 
 
 def create_app(url: str, per_prompt: int = 3, secure_cookies: bool = False, max_age: float = 7 * 86400,

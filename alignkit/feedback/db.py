@@ -28,9 +28,10 @@ from sqlalchemy import (Boolean, Column, Float, ForeignKey, Integer, MetaData, S
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from alignkit.data.preferences import prompt_fields, prompt_key, read_completion_sets
+from alignkit.data.preferences import COMPLETIONS_SCHEMA, carried_fields, prompt_fields, prompt_key, read_located
 from alignkit.errors import UserError
 
+MAX_K = 26  # completions per prompt: the label page names them A to Z
 metadata = MetaData()
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
 prompts = Table(
@@ -169,25 +170,35 @@ def _import_id(row: dict) -> str:
 
 
 def import_completion_sets(engine: Engine, path) -> tuple[int, int]:
-    """Load `{prompt|messages, completions: [K], prompt_id?}` rows; returns (added, already present).
+    """Load `{prompt|messages, completions: [K <= MAX_K], prompt_id?}` rows; returns (added, already present).
 
-    A row's key is its `prompt_id` (else `id`, else a hash of prompt and completions), so importing
-    the same file twice adds nothing.
+    A row's key is its `prompt_id` (else `id`, else a hash of prompt and completions), compared as text, so
+    importing the same file twice adds nothing; two rows of one file with one key are an error. The other
+    fields are passed on at export, but not those a label derives (`carried_fields`: a labelled file's own
+    `ranking`, `chosen`, `label`, ...), which the labelers' ranking replaces; `gold` is kept.
     """
-    rows = read_completion_sets(path)
+    rows: dict[str, tuple[str, dict]] = {}
+    for where, row in read_located(path, COMPLETIONS_SCHEMA):
+        if len(row["completions"]) > MAX_K:
+            raise UserError(f"{where}: {len(row['completions'])} completions; the labelling app shows at most "
+                            f"{MAX_K} per prompt (A to Z): split the set or keep fewer completions")
+        pid = _import_id(row)
+        first = rows.setdefault(pid, (where, row))[0]
+        if first != where:
+            raise UserError(f"{first} and {where} both get the prompt id {pid!r} (its prompt_id, else its id, as "
+                            "text, else a hash of prompt and completions); give every row its own prompt_id")
     added = 0
     with write_tx(engine) as conn:
         present = set(conn.execute(select(prompts.c.prompt_id)).scalars())
-        for row in rows:
-            pid = _import_id(row)
+        for pid, (_, row) in rows.items():
             if pid in present:
                 continue
-            extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", "completions", "prompt_id", "id")}
+            kept = carried_fields(row).keys() | {"gold"}
+            extra = {k: v for k, v in row.items() if k in kept}
             conn.execute(insert(prompts).values(
                 prompt_id=pid, prompt_json=json.dumps(prompt_fields(row), ensure_ascii=False),
                 completions_json=json.dumps(row["completions"], ensure_ascii=False),
                 extra_json=json.dumps(extra, ensure_ascii=False), k=len(row["completions"]), assigned=0))
-            present.add(pid)
             added += 1
     return added, len(rows) - added
 

@@ -32,8 +32,8 @@ def parse_label_form(form: dict[str, list[str]], k: int) -> tuple[list[list[int]
 
     try:
         ranking = json.loads(one("ranking"))
-    except json.JSONDecodeError:
-        raise FormError("field 'ranking' is not valid JSON") from None
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: lists nested too deep to parse
+        raise FormError("field 'ranking' is not valid JSON (or is nested too deep)") from None
     items = ranking if isinstance(ranking, list) else [None]
     if any(not isinstance(i, int) or isinstance(i, bool) for x in items for i in (x if isinstance(x, list) else [x])):
         raise FormError("field 'ranking' must be a list of positions or lists of tied positions")

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--per-prompt", type=int, default=3, help="labelers per prompt (default 3)")
     p.add_argument("--secure-cookies", action="store_true", help="mark the session cookie Secure (behind HTTPS)")
-    p = command("import", "load completion sets ({prompt|messages, completions: [K]}, e.g. from alignkit rollout)")
+    p = command("import", "load completion sets ({prompt|messages, completions: [K <= 26]}, e.g. alignkit rollout's)")
     p.add_argument("input", help="JSONL of completion sets")
     p = command("add-labeler", "create an account and print its sign-in token")
     p.add_argument("name")

@@ -30,10 +30,11 @@ def ranking_rows(engine: Engine, details: bool = True) -> list[dict]:
     """One rankings-format row per stored label; `details` adds ratings, flags and the note."""
     rows = []
     for r in db.labelled_rows(engine):
-        row: dict[str, Any] = {**json.loads(r["prompt_json"]), "completions": json.loads(r["completions_json"]),
-                               "ranking": json.loads(r["ranking_json"]), **json.loads(r["extra_json"]),
-                               "id": f"{r['prompt_id']}#{r['labeler_id']}", "source_prompt_id": r["prompt_id"],
-                               "labeler": r["labeler"]}
+        # the imported row's other fields first, so that none overrides the stored label or the export's own fields
+        row: dict[str, Any] = {**json.loads(r["extra_json"]), **json.loads(r["prompt_json"]),
+                               "completions": json.loads(r["completions_json"]),
+                               "ranking": json.loads(r["ranking_json"]), "id": f"{r['prompt_id']}#{r['labeler_id']}",
+                               "source_prompt_id": r["prompt_id"], "labeler": r["labeler"]}
         if details:
             row.update(ratings=json.loads(r["ratings_json"]), flags=json.loads(r["flags_json"]), note=r["note"])
         rows.append(row)
