@@ -146,6 +146,21 @@ def test_metrics_lines_are_strict_json(tmp_path):
     assert line["gold_mean"] is None and line["kl"] is None and line["loss"] == 0.5
 
 
+def test_a_resumed_run_uses_its_own_learning_rate(tmp_path):
+    """The checkpoint's optimiser and scheduler states carried the first run's lr: a resumed run that changed
+    train.lr was warned about the change and kept training at the old rate."""
+    tok, rows = _sft_rows(tmp_path)
+    base = dict(batch_size=8, micro_batch_size=8, report_to=[], precision="fp32", schedule="linear",
+                warmup_ratio=0.0, save_every=1)
+    for extra in ({"max_steps": 2, "lr": 1e-5}, {"max_steps": 4, "lr": 1e-3, "resume": True}):
+        Engine(TrainConfig(**base, **extra), tmp_path / "run").fit(tiny_llama(seed=3), SFT(tok.pad_token_id), rows)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {line["step"]: line["lr"] for line in lines if "lr" in line}
+    # linear decay over the new 4 steps from the new base: step 3 (index 2) trains at 1e-3 * 2/4, step 4 at 1e-3 * 1/4
+    assert lrs[3] == pytest.approx(1e-3 * 2 / 4) and lrs[4] == pytest.approx(1e-3 * 1 / 4)
+    assert lrs[1] == pytest.approx(1e-5)
+
+
 def _sft_cmd(model_dir, sft_files, out, *extra):
     train, evalf = sft_files
     return CLI + ["sft", f"model.path={model_dir}", f"data.train={train}", f"data.eval={evalf}",

@@ -117,6 +117,16 @@ def test_resume_equals_uninterrupted(tiny_llama_dir, prompt_file, tmp_path):
         assert a["score_mean"] == b["score_mean"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+def test_a_fixed_beta_changed_on_resume_is_used(tiny_llama_dir, prompt_file, tmp_path):
+    """The checkpoint's algorithm state put back the first run's beta, though kl.beta was changed (and the change
+    was listed in the resume warning); an adaptive controller's beta is state and stays restored."""
+    args = ("online.steps=3", "train.save_every=2", "pg.advantage=reinforce")
+    run(GRPOConfig, run_grpo, tiny_llama_dir, prompt_file, tmp_path, *args, "kl.beta=0.05")
+    resumed = run(GRPOConfig, run_grpo, tiny_llama_dir, prompt_file, tmp_path, *args, "kl.beta=0.5",
+                  "train.resume=true")  # from the checkpoint of step 2
+    assert [(m["step"], m["beta"]) for m in resumed] == [(1, 0.05), (2, 0.05), (3, 0.5)]
+
+
 def test_same_seed_same_run_on_two_threads(tiny_llama_dir, prompt_file, tmp_path):
     """A seed fixes the run, also on 2 threads: the backward of indexing (GRPO's shared prompt cache, one
     row per group member) sums rows in thread order unless torch's deterministic algorithms are on."""

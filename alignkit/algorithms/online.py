@@ -148,7 +148,8 @@ class OnlineAlgorithm:
         return {"beta": self.kl_ctl.beta}
 
     def load_state_dict(self, state: dict) -> None:
-        self.kl_ctl.beta = state["beta"]
+        if self.cfg.kl.controller == "adaptive":  # a fixed beta is the config's, also one changed on resume
+            self.kl_ctl.beta = state["beta"]
 
 
 def load_prompts(cfg: OnlineStageConfig) -> list[dict]:

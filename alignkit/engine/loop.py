@@ -175,8 +175,20 @@ class Engine:
         if not (self.cfg.resume and ckpts):
             return 0, {}
         step, extra = load_checkpoint(self.accelerator, ckpts[-1], model, optimizer, scheduler)
+        self._config_hyperparameters(optimizer, scheduler)
         log.info("resumed from %s (step %d)", ckpts[-1], step)
         return step, extra
+
+    def _config_hyperparameters(self, optimizer, scheduler) -> None:
+        """The optimiser's and scheduler's states restore their hyperparameters too; a resumed run uses its own
+        train.lr, adam_betas, adam_eps and weight_decay (the moments and the schedule's position are kept)."""
+        cfg = self.cfg
+        for group in optimizer.param_groups:
+            group.update(initial_lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                         weight_decay=cfg.weight_decay)
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        scheduler.last_epoch -= 1
+        scheduler.step()  # the current step's learning rate from the new base
 
     def begin(self, config: dict | None) -> None:
         """Once the run can start (a checkpoint to resume from has loaded): write the run's `config.yaml`
