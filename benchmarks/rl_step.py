@@ -125,7 +125,7 @@ def ours(algo: str, model_name: str, steps: int, warmup: int, gpu: bool) -> dict
     elif algo == "ppo-shared":  # value head on the policy trunk, a reward function: PPO's own models only
         from alignkit.algorithms.ppo import make_actor_critic
 
-        model, algorithm = make_actor_critic(policy, cfg), PPO(tok, CallableReward(count_good), cfg, reference)
+        model, algorithm = make_actor_critic(policy, tok, cfg), PPO(tok, CallableReward(count_good), cfg, reference)
     else:
         model, algorithm = policy, PolicyGradient(tok, CallableReward(count_good), cfg, reference)
     gen_time = [0.0]

@@ -127,6 +127,22 @@ def test_a_fixed_beta_changed_on_resume_is_used(tiny_llama_dir, prompt_file, tmp
     assert [(m["step"], m["beta"]) for m in resumed] == [(1, 0.05), (2, 0.05), (3, 0.5)]
 
 
+def test_a_critic_with_another_tokenizer_is_refused(tiny_llama_dir, tmp_path):
+    """The critic reads the policy's token ids: the MiniLM reward model as ppo.critic_model was an IndexError
+    deep in the forward (or, with a smaller policy vocabulary, values computed from the wrong tokens)."""
+    from alignkit.algorithms.ppo import make_actor_critic
+    from alignkit.models.tiny import save_tiny
+
+    other = save_tiny(tmp_path / "other", tokenizer=tiny_tokenizer(vocab_size=1024, seed=5))
+    cfg = load_config(PPOConfig, None, [f"model.path={tiny_llama_dir}", "ppo.critic=separate",
+                                        f"ppo.critic_model={other}"])
+    with pytest.raises(UserError, match=r"ppo.critic_model=.*other: its tokenizer is not the policy's"):
+        make_actor_critic(tiny_llama(), tiny_tokenizer(), cfg)
+    same = load_config(PPOConfig, None, [f"model.path={tiny_llama_dir}", "ppo.critic=separate",
+                                         f"ppo.critic_model={save_tiny(tmp_path / 'same')}"])
+    assert make_actor_critic(tiny_llama(), tiny_tokenizer(), same).critic is not None
+
+
 def test_same_seed_same_run_on_two_threads(tiny_llama_dir, prompt_file, tmp_path):
     """A seed fixes the run, also on 2 threads: the backward of indexing (GRPO's shared prompt cache, one
     row per group member) sums rows in thread order unless torch's deterministic algorithms are on."""

@@ -20,6 +20,7 @@ from typing import Literal
 from alignkit.algorithms.online import OnlineAlgorithm, OnlineStageConfig, run_online
 from alignkit.config import check_interval, option
 from alignkit.engine.online import OnlineConfig
+from alignkit.errors import UserError
 from alignkit.losses.policy import clipped_policy_loss, clipped_value_loss, entropy_from_logits, entropy_loss
 from alignkit.models.load import unwrap
 from alignkit.ops.advantages import gae
@@ -38,7 +39,8 @@ class PPOOptions:
     whiten_advantages: bool = option(True, "Whiten advantages over the rollout batch")
     whiten_rewards: bool = option(False, "Scale the per-token rewards to unit variance over the rollout (no centring)")
     critic: Literal["shared", "separate"] = option("shared", "Value head on the policy trunk, or a separate critic")
-    critic_model: str | None = option(None, "Separate critic trunk (HF dir, e.g. the reward model); null = model.path")
+    critic_model: str | None = option(None, "Separate critic trunk (HF dir with the policy's tokenizer, e.g. a reward "
+                                            "model trained on the SFT model); null = model.path")
 
     def validate(self):
         for name in ("clip", "value_clip"):
@@ -97,8 +99,9 @@ class PPO(OnlineAlgorithm):
                       "value_loss": value.detach()}
 
 
-def make_actor_critic(policy, cfg: PPOConfig):
-    """ActorCritic with the configured critic: a head on the policy trunk, or a separate trunk (+ LoRA)."""
+def make_actor_critic(policy, tokenizer, cfg: PPOConfig):
+    """ActorCritic with the configured critic: a head on the policy trunk, or a separate trunk (+ LoRA), which
+    reads the policy's token ids and so must share the policy's `tokenizer`."""
     from alignkit.algorithms.reference import disable_dropout
     from alignkit.models.value import ActorCritic
 
@@ -106,10 +109,14 @@ def make_actor_critic(policy, cfg: PPOConfig):
         return ActorCritic(policy)
     from transformers import AutoModel
 
-    from alignkit.models.load import add_lora, from_pretrained, resolve_dtype
+    from alignkit.models.load import add_lora, from_pretrained, load_tokenizer, resolve_dtype
 
-    critic = from_pretrained(AutoModel, cfg.ppo.critic_model or cfg.model.path, "the critic's trunk",
-                             dtype=resolve_dtype(cfg.model.dtype))
+    path = cfg.ppo.critic_model or cfg.model.path
+    if path != cfg.model.path and load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"ppo.critic_model={path}: its tokenizer is not the policy's ({cfg.model.path}), and the "
+                        "critic reads the policy's token ids; give a trunk of the policy's family (e.g. a reward "
+                        "model trained on the SFT model) or use ppo.critic=shared")
+    critic = from_pretrained(AutoModel, path, "the critic's trunk", dtype=resolve_dtype(cfg.model.dtype))
     critic = add_lora(critic, cfg.lora) if cfg.lora.r > 0 else critic
     disable_dropout(critic)
     return ActorCritic(policy, critic)
@@ -117,6 +124,6 @@ def make_actor_critic(policy, cfg: PPOConfig):
 
 def run_ppo(cfg: PPOConfig) -> Path:
     def make(policy, tokenizer, reward, reference):
-        return make_actor_critic(policy, cfg), PPO(tokenizer, reward, cfg, reference)
+        return make_actor_critic(policy, tokenizer, cfg), PPO(tokenizer, reward, cfg, reference)
 
     return run_online(cfg, make, "ppo")
