@@ -121,3 +121,18 @@ def test_rejection_sampling_with_too_few_prompts_fails_before_sampling(tmp_path,
     with pytest.raises(UserError, match=r"3 prompts x keep 2 give at most 6 .* fewer than train.batch_size \(8\)"):
         run_rejection_sampling(cfg)
     assert not (tmp_path / "rs").exists()
+
+
+def test_a_null_sampling_seed_draws_from_torchs_global_generator(tmp_path, tiny_llama_dir):
+    """sampling.seed=null ("torch's global generator") was seed 0 in best-of-N: every run drew the same samples."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {w}"} for w in ("abc", "def", "ghi")])
+
+    def samples(name, global_seed, seed):
+        torch.manual_seed(global_seed)
+        cfg = BestOfNConfig(model=ModelConfig(tiny_llama_dir), prompts=str(prompts), reward="test_best_of_n:n_chars",
+                            n=[2], sampling=SamplingConfig(max_new_tokens=8, seed=seed), output_dir=str(tmp_path / name))
+        run_best_of_n(cfg)
+        return (tmp_path / name / "best_n2.jsonl").read_text()
+
+    assert samples("a", 1, None) != samples("b", 2, None)
+    assert samples("c", 1, 0) == samples("d", 2, 0)  # a given seed fixes the samples

@@ -30,7 +30,7 @@ from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_json, write_json
 from alignkit.data.preferences import prompt_of
 from alignkit.errors import UserError
 from alignkit.models.load import ModelConfig, load_causal_lm, load_tokenizer
-from alignkit.rollout.generate import SamplingConfig
+from alignkit.rollout.generate import SamplingConfig, sampling_generator
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> str:
     score = load_reward(cfg.reward)
     gold = load_reward(cfg.gold) if cfg.gold else None
     model = load_causal_lm(cfg.model, trainable=False)
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.sampling.seed or 0)
+    generator = sampling_generator(cfg.sampling, next(model.parameters()).device)  # null seed: torch's global one
     sampled = sample_and_score(model, tokenizer, rows, score, max(cfg.n), cfg.sampling, cfg.batch_size,
                                cfg.chat_template, generator)
     out = Path(cfg.output_dir)

@@ -23,7 +23,7 @@ from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
 from alignkit.errors import UserError
 from alignkit.models.load import LoraConfig, ModelConfig, check_context, load_causal_lm, load_tokenizer, save_model
-from alignkit.rollout.generate import SamplingConfig
+from alignkit.rollout.generate import SamplingConfig, sampling_generator
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _tokenise(rows: list[dict], tokenizer, cfg: RejectionSamplingConfig) -> list
 
 
 def run_round(model, tokenizer, prompts: list[dict], score, cfg: RejectionSamplingConfig, r: int, out: Path,
-              generator: torch.Generator) -> tuple[object, dict]:
+              generator: torch.Generator | None) -> tuple[object, dict]:
     """One round: returns the fine-tuned model and the round's log line."""
     from alignkit.data.jsonl import write_jsonl
 
@@ -112,7 +112,7 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> Path:
     check_context(model, cfg.max_length, "max_length")
     out.mkdir(parents=True, exist_ok=True)
     save_config(to_dict(cfg), out / "config.yaml")
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.sampling.seed or 0)
+    generator = sampling_generator(cfg.sampling, next(model.parameters()).device)  # null seed: torch's global one
     for r in range(1, cfg.rounds + 1):
         model, line = run_round(model, tokenizer, prompts, score, cfg, r, out, generator)
         with (out / "rounds.jsonl").open("a") as f:
