@@ -303,3 +303,10 @@ def test_micro_batching_is_invisible(stage, tiny_llama_dir, prompt_file, tmp_pat
     split = run(cls, fn, tiny_llama_dir, prompt_file, tmp_path / "split", *args, "train.micro_batch_size=4")[0]
     for key in ("loss", "clipfrac", "approx_kl", "value_loss", "kl_loss"):
         assert whole.get(key, 0.0) == pytest.approx(split.get(key, 0.0), rel=1e-4, abs=1e-7), key
+
+
+@pytest.mark.parametrize("setting", ["train.max_steps=5", "train.epochs=2", "train.eval_every=3"])
+def test_train_options_that_do_not_apply_online_are_refused(setting):
+    """They were shown by --print-config with their offline meaning and silently ignored."""
+    with pytest.raises(UserError, match=f"{setting.split('=')[0]} does not apply to the RL stages"):
+        load_config(GRPOConfig, None, [setting])

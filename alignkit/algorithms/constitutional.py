@@ -244,7 +244,8 @@ class CAILabelConfig:
     input: str | None = option(None, "Pairs {prompt|messages, chosen, rejected} (relabelled) or completion sets "
                                "{prompt|messages, completions: [K]} (all C(K,2) pairs); 'demo' = held-out demo "
                                "review pairs")
-    output: str | None = option(None, "Labelled pairs JSONL (soft `label`); the report goes to <output>.report.json")
+    output: str | None = option(None, "Labelled pairs JSONL (soft `label`); the report goes beside it "
+                                "(ai_pairs.jsonl -> ai_pairs.report.json)")
     constitution: str | None = option(None, "Constitution YAML/JSON; null = the default "
                                       "(alignkit/data/constitution.yaml)")
     principles: list[str] | None = option(None, "Use only these principles (by name); one is drawn per pair")

@@ -49,11 +49,22 @@ class RolloutSampling(SamplingConfig):
 @dataclass(frozen=True)
 class RLTrainConfig(TrainConfig):
     """TrainConfig for online stages: train.batch_size is the minibatch (responses per optimiser step);
-    epochs and max_steps are unused (see online.steps and online.epochs)."""
+    epochs, max_steps and eval_every do not apply (see online.steps and online.epochs) and must stay unset."""
 
+    epochs: int = option(1, "Not used by the RL stages: see online.epochs")
+    max_steps: int | None = option(None, "Not used by the RL stages: see online.steps")
+    eval_every: int = option(0, "Not used by the RL stages (no held-out data)")
     lr: float = option(1e-5, "Peak learning rate of AdamW")
     schedule: Literal["cosine", "linear", "constant"] = option("constant", "Learning-rate decay after warm-up")
     warmup_ratio: float = option(0.0, "Share of the steps spent warming the learning rate up from 0")
+
+    def validate(self):
+        super().validate()
+        unused = [k for k, is_set in (("epochs", self.epochs != 1), ("max_steps", self.max_steps is not None),
+                                      ("eval_every", self.eval_every != 0)) if is_set]
+        if unused:
+            raise UserError(f"train.{unused[0]} does not apply to the RL stages: they run online.steps rollouts, "
+                            "each trained for online.epochs passes, and have no held-out data")
 
 
 # Nested defaults that differ per stage are subclasses (not `option(Cls(x=...))`), so that setting one

@@ -151,7 +151,8 @@ def pair_gaps(gold: list[list[float]]) -> list[float]:
 class LabelConfig:
     input: str | None = option(None, "Completion sets to label: {prompt|messages, completions: [K]} rows "
                                "(alignkit rollout's output)")
-    output: str | None = option(None, "Labelled JSONL to write; the ceiling goes to <output>.ceiling.json")
+    output: str | None = option(None, "Labelled JSONL to write; the ceiling goes beside it "
+                                "(pairs.jsonl -> pairs.ceiling.json)")
     mode: Literal["pairs", "rankings"] = option("pairs", "pairs: every C(K,2) pair labelled independently "
                                                 "(Bradley-Terry); rankings: one Plackett-Luce ranking per row")
     judge: str = option("vader", "Gold judge: 'vader' or 'package.module:function' (text -> float, or a reward source)")

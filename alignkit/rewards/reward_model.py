@@ -84,7 +84,8 @@ class ScoreConfig:
     model: str = option("runs/rm/model", "Reward model directory (alignkit rm's output, or any one-label "
                         "AutoModelForSequenceClassification)")
     input: str | None = option(None, "JSONL of {prompt|messages, completion} rows to score")
-    output: str | None = option(None, "Where to write the rows with the reward added; null = <input>.scored.jsonl")
+    output: str | None = option(None, "Where to write the rows with the reward added; null = beside the input "
+                                "(rows.jsonl -> rows.scored.jsonl)")
     field: str = option("reward", "Name of the added field (not prompt, messages or completion)")
     normalize: bool = option(True, "Apply the stored gain and bias (mean 0, std 1 on the reference set); false = raw")
     batch_size: int = option(16, "Texts per forward pass", low=1)
