@@ -13,6 +13,7 @@ import os
 import sys
 
 from alignkit.errors import UserError
+from alignkit.feedback.label_cli import SUBCOMMANDS as LABEL_APP
 
 # stage -> (module, config class, run function, one-line help). Modules are imported only when used,
 # so `alignkit --help` stays fast.
@@ -22,7 +23,8 @@ STAGES = {
     "rollout": ("alignkit.rollout.k_samples", "RolloutConfig", "run_rollout",
                 "sample K completions per prompt into a rankings file for labelling"),
     "label": ("alignkit.feedback.simulated", "LabelConfig", "run_label",
-              "simulated labelers: rank completions with a noisy gold judge"),
+              "simulated labelers: rank completions with a noisy gold judge; people label in the web app: "
+              f"alignkit label {'|'.join(LABEL_APP)} --help"),
     "data rankings-to-pairs": ("alignkit.data.preferences", "RankingsToPairsConfig", "run_rankings_to_pairs",
                                "expand K-wise rankings to all pairwise comparisons (ties dropped)"),
     "rm": ("alignkit.algorithms.reward_model", "RewardModelConfig", "run_rm",
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if raw[:1] == ["label"] and len(raw) > 1:  # `alignkit label serve|import|export|...`: the labelling app
         from alignkit.feedback import label_cli
 
-        if raw[1] in label_cli.SUBCOMMANDS:
+        if raw[1] in LABEL_APP:
             return label_cli.main(raw[1:])
     parser = build_parser()
     grouped = _group_argv(raw)

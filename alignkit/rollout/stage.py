@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 class GenerateConfig:
     model: ModelConfig = option(ModelConfig(), "Model to sample from")
     prompts: str = option("demo", "JSONL of {prompt} or {messages} rows; 'demo' = embedded held-out review prompts")
-    output: str | None = option(None, "Where to write {prompt, completion, ...} JSONL; null = print only")
+    output: str | None = option(None, "Where to write {prompt, completion, ...} JSONL; null = print the first "
+                                "`show` samples only")
     sampling: SamplingConfig = option(SamplingConfig(), "Decoding settings")
     batch_size: int = option(16, "Prompts per generation batch", low=1)
     max_prompts: int | None = option(None, "Use only the first N prompts", low=1)
