@@ -77,6 +77,15 @@ def test_multiclass_calibration_hand_computed():
     assert m["reliability"]["low"] == pytest.approx(1 / 3)
 
 
+def test_a_tie_is_half_a_hit():
+    """p = 1/2 predicted the rejected side (hit 1 - y), against the docstring and the accuracy, where ties count 1/2."""
+    for y in (0.0, 1.0):
+        table = reliability(torch.tensor([0.5]), torch.tensor([y]))
+        assert table["accuracy"][0] == 0.5 and table["confidence"][0] == 0.5
+    three = reliability(torch.tensor([[0.4, 0.4, 0.2]]), torch.tensor([1]))["accuracy"]
+    assert [a for a in three if a is not None] == [0.5]  # two classes tie for the max: the target is one of them
+
+
 def test_ece_pools_a_bin():
     # two predictions in one bin: |mean hit - mean conf| = |1/2 - 0.92| counts for both
     p, y = torch.tensor([0.92, 0.92], dtype=torch.float64), torch.tensor([1.0, 0.0])
@@ -87,7 +96,7 @@ def test_ece_pools_a_bin():
 def test_comparison_metrics_brier_and_reliability():
     m = comparison_metrics(torch.tensor([0.0, math.log(3)]), torch.tensor([1.0, 0.0]))
     assert m["brier"] == pytest.approx(((0.5 - 1) ** 2 + 0.75**2) / 2)
-    assert m["ece"] == pytest.approx((abs(1 - 0.5) + abs(0 - 0.75)) / 2)
+    assert m["ece"] == pytest.approx((abs(0.5 - 0.5) + abs(0 - 0.75)) / 2)  # p = 1/2 is a tie: half a hit
     assert sum(m["reliability"]["count"]) == 2
 
 

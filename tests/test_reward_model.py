@@ -67,7 +67,7 @@ def test_comparison_metrics_hand_computed():
     m = comparison_metrics(torch.tensor([0.0, math.log(3)]), torch.tensor([1.0, 0.0]))
     assert m["accuracy"] == pytest.approx(0.25)
     assert m["log_loss"] == pytest.approx((math.log(2) + math.log(4)) / 2)
-    assert m["ece"] == pytest.approx((abs(1 - 0.5) + abs(0 - 0.75)) / 2)  # two bins: |hit - confidence|
+    assert m["ece"] == pytest.approx((abs(0.5 - 0.5) + abs(0 - 0.75)) / 2)  # |hit - confidence|; a tie hits 1/2
 
 
 def test_gold_agreement_hand_computed():

@@ -26,14 +26,16 @@ def _as_distributions(prob: torch.Tensor, label: torch.Tensor) -> tuple[torch.Te
 
 def reliability(prob: torch.Tensor, label: torch.Tensor, bins: int = 10) -> dict:
     """Top-label reliability table: conf_m = max_c p_mc, hit_m = q_m[argmax_c p_mc] (the target's probability of
-    the predicted class; 1/0 for hard labels), over `bins` equal-width bins of confidence on [1/C, 1].
+    the predicted class; 1/0 for hard labels; the mean over the classes that tie for the max, so a binary p = 1/2
+    counts half, as accuracy counts a tie), over `bins` equal-width bins of confidence on [1/C, 1].
 
     Returns {"confidence": [...], "accuracy": [...], "count": [...], "low": 1/C}: per-bin means (None for an
     empty bin) and counts. For a binary prediction p, conf = max(p, 1 - p) on [1/2, 1].
     """
     p, q = _as_distributions(prob, label)
-    conf, pred = p.max(-1)  # (N,)
-    hit = q.gather(-1, pred[:, None]).squeeze(-1)
+    conf = p.max(-1).values  # (N,)
+    top = (p == conf[:, None]).double()  # (N, C) the predicted class, or the classes tied for it
+    hit = (q * top).sum(-1) / top.sum(-1)
     low = 1.0 / p.shape[-1]
     index = ((conf - low) / (1 - low) * bins).long().clamp(0, bins - 1)  # (N,)
     count = torch.bincount(index, minlength=bins).double()
@@ -71,7 +73,7 @@ def calibration(prob: torch.Tensor, label: torch.Tensor, bins: int = 10) -> dict
 def expected_calibration_error(delta: torch.Tensor, label: torch.Tensor, bins: int = 10) -> float:
     """ECE of the predicted preference p = sigmoid(r_w - r_l) (Naeini et al. 2015; Guo et al. 2017).
 
-        conf_m = max(p_m, 1 - p_m),  hit_m = y_m if p_m >= 1/2 else 1 - y_m
+        conf_m = max(p_m, 1 - p_m),  hit_m = y_m if p_m > 1/2, 1 - y_m if p_m < 1/2, 1/2 if p_m = 1/2
         ECE = sum_b (n_b / M) |mean_{m in b} hit_m - mean_{m in b} conf_m|
 
     over `bins` equal-width bins of confidence on [1/2, 1]. `label` y is 1 for a hard preference
