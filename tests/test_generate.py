@@ -296,6 +296,23 @@ def test_generate_text(tok):
         generate_text(model, tok, [[{"text": "x"}]], cfg)
 
 
+def test_prompts_that_cannot_be_generated_from_are_errors(tok):
+    """An empty prompt (no BOS) was a RuntimeError from torch.unique, or garbage beside others; a bare string
+    was read as one prompt per character."""
+    model = tiny_llama()
+    with pytest.raises(UserError, match="prompt 1 of the batch has no tokens"):
+        generate_text(model, tok, ["hello", ""], SamplingConfig(max_new_tokens=2), chat=False)
+    with pytest.raises(TypeError, match="wrap a single prompt in a list"):
+        generate_text(model, tok, "hello", SamplingConfig(max_new_tokens=2), chat=False)
+
+
+def test_a_reward_beyond_float_range_is_a_clear_error():
+    from alignkit.rewards.base import checked_scores
+
+    with pytest.raises(UserError, match="must return numbers"):
+        checked_scores([10**400], ["p"], ["c"])
+
+
 def test_buffer_cache_grows_and_selects():
     layer = BufferLayer(capacity=2)
     k = torch.arange(24.0).view(3, 1, 4, 2)  # (B, H, T, D)

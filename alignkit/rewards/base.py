@@ -60,8 +60,8 @@ def checked_scores(raw, prompts: Sequence, completions: Sequence[str], what: str
     every weight into NaN)."""
     try:
         scores = torch.as_tensor(raw, dtype=torch.float64).reshape(-1).cpu()
-    except (TypeError, ValueError, RuntimeError):
-        raise UserError(f"{what} must return numbers, got {raw!r:.80}") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise UserError(f"{what} must return numbers (within float range), got {raw!r:.80}") from None
     if scores.numel() != len(completions):
         raise UserError(f"{what} returned {scores.numel()} scores for {len(completions)} completions")
     bad = ~torch.isfinite(scores)

@@ -138,6 +138,10 @@ def generate(
     cfg.validate()
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask must both be (B, P)")
+    empty = (attention_mask.sum(-1) == 0).nonzero()
+    if len(empty):
+        raise UserError(f"prompt {int(empty[0])} of the batch has no tokens: an empty prompt needs a tokenizer that "
+                        "adds a start token (BOS); give it some text")
     context = context_length(model)
     fed = input_ids.shape[1] + cfg.max_new_tokens - 1  # the last new token is never fed back
     if context is not None and fed > context:
@@ -265,6 +269,8 @@ def generate_text(model, tokenizer, prompts: Sequence, cfg: SamplingConfig, chat
     lists always go through the template (with the generation prompt appended). A tokenizer without
     a pad token pads with its EOS token (padding is masked, so the choice does not matter).
     """
+    if isinstance(prompts, str):  # would be read as one prompt per character
+        raise TypeError("prompts must be a sequence of prompts; wrap a single prompt in a list")
     if not prompts:
         return []
     rows = []
