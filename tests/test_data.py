@@ -255,6 +255,12 @@ def test_chat_template_prompt_completion(tok):
     assert ex["input_ids"][-1] == tok.eos_token_id and ex["input_ids"].count(tok.eos_token_id) == 1
 
 
+def test_messages_without_an_assistant_turn_from_python(tok):
+    """The file reader refuses them; tokenize_sft called directly gave 'max() arg is an empty sequence'."""
+    with pytest.raises(UserError, match="x.jsonl:3: the messages have no assistant turn"):
+        tokenize_sft({"messages": [{"role": "user", "content": "hi"}]}, tok, 64, where="x.jsonl:3")
+
+
 def test_chat_template_multi_turn_trains_every_assistant_turn(tok):
     ex = tokenize_sft({"messages": CONVERSATION}, tok, 128, chat_template=True)
     assert trained_spans(tok, ex) == ["the food is good" + tok.eos_token, "great service" + tok.eos_token]

@@ -67,7 +67,9 @@ def assistant_pieces(
     pieces and whether the last assistant turn ends with an end-of-turn token (if not, the caller
     appends EOS so the model learns to stop).
     """
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise UserError(f"{where}: the messages have no assistant turn, so there is nothing to train on")
     messages = list(messages[: last + 1])
     full = render(tokenizer, messages, False, where)
     pieces: list[tuple[str, bool]] = []
