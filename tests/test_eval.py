@@ -254,6 +254,8 @@ def test_evaluate_policy_api_with_tempered_sampling(tiny_llama_dir, tiny_gpt2_di
     assert "kl" not in result["samples"][0] and m["win_rate/gold"] == 0.5
     assert m["perplexity"] != pytest.approx(m["perplexity/policy"])  # scored by the other (GPT-2) model
     assert "proxy" not in result["calibration"] and "reward/gap" not in m
+    with pytest.raises(ValueError, match="no prompts to evaluate on"):  # was KeyError 'tokens'
+        evaluate_policy(tiny_llama_dir, [], sampling=sampling)
 
 
 def test_metrics_of_lists_of_different_lengths_are_an_error():

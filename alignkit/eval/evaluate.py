@@ -192,10 +192,9 @@ def evaluate_policy(policy, prompts, *, tokenizer=None, reference=None, base=Non
     rate against the reference policy's completions (needs `reference`).
     """
     from alignkit.algorithms.best_of_n import prompt_rows
-    from alignkit.algorithms.policy_kl import decode
+    from alignkit.algorithms.policy_kl import decode, pad_id
     from alignkit.algorithms.reference import Reference
     from alignkit.data.preferences import prompt_of
-    from alignkit.algorithms.policy_kl import pad_id
     from alignkit.eval.policy import perplexity, score_sequences
     from alignkit.models.load import on_device_of
 
@@ -207,6 +206,8 @@ def evaluate_policy(policy, prompts, *, tokenizer=None, reference=None, base=Non
     if tokenizer is None:
         raise ValueError("pass the tokenizer with a loaded policy")
     rows = prompt_rows(prompts, None) if isinstance(prompts, str) else list(prompts)
+    if not rows:
+        raise ValueError("no prompts to evaluate on")
     if isinstance(reference, str):
         reference = _load(reference, "auto")
     if reference is not None and not isinstance(reference, Reference):
