@@ -8,7 +8,7 @@ import pytest
 
 from alignkit.cli import main
 from alignkit.eval.plots import gold_peaks
-from alignkit.eval.report import load_run, points, rollout_points, summary_table, write_report
+from alignkit.eval.report import load_run, mixed_gold, points, rollout_points, summary_table, write_report
 
 
 def _eval(step, kl, gold, proxy, method, completion="after"):
@@ -110,6 +110,24 @@ def test_summary_table_and_cli(run_dirs, tmp_path, capsys):
         assert main(["report", *argv, "samples=2", "--print-config"]) == 0
         configs.append(capsys.readouterr().out)
     assert configs[0] == configs[1] and f"runs: [{run_dirs[0]}, {run_dirs[1]}]" in configs[0]
+
+
+def test_gold_from_different_judges_is_flagged(run_dirs, tmp_path):
+    """The table and plots put gold rewards of every run side by side; from different judges they do not compare."""
+    def set_gold(path, gold):
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "config": {"gold": gold}}))
+
+    ppo, dpo = run_dirs
+    for path in (ppo / "eval").glob("*.json"):
+        set_gold(path, {"judge": "vader", "model": None})
+    set_gold(dpo / "eval" / "final.json", {"judge": "vader"})
+    assert mixed_gold([load_run(ppo), load_run(dpo)]) is None
+    set_gold(dpo / "eval" / "final.json", {"function": "mine:score"})
+    note = mixed_gold([load_run(ppo), load_run(dpo)])
+    assert note.endswith("judge=vader (ppo); function=mine:score (dpo)")
+    assert "<b>Warning:</b> the gold rewards come from different judges" in write_report(
+        run_dirs, tmp_path / "r.html").read_text()
 
 
 def test_report_errors(tmp_path, capsys):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 from alignkit.config import option
 from alignkit.data.jsonl import atomic_open
 from alignkit.errors import UserError
+
+log = logging.getLogger(__name__)
 
 POSITIONAL = "runs"  # `alignkit report a b` = `alignkit report runs=[a,b]` (see alignkit.cli)
 EVAL_KIND = "alignkit.eval"
@@ -168,6 +171,22 @@ def points(runs: list[Run]) -> list[dict]:
     return out
 
 
+def mixed_gold(runs: list[Run]) -> str | None:
+    """A note when the evaluations' gold rewards come from different judges (their values do not compare), else
+    None. Each evaluation records its gold source in its config (`eval gold.judge=...`)."""
+    judges: dict[str, list[str]] = {}
+    for run in runs:
+        for e in run.evals:
+            gold = {k: v for k, v in ((e.get("config") or {}).get("gold") or {}).items() if v is not None}
+            if gold.get("judge") or gold.get("model") or gold.get("function"):
+                name = ", ".join(f"{k}={v}" for k, v in sorted(gold.items()))
+                judges.setdefault(name, []).append(run.path.name)
+    if len(judges) < 2:
+        return None
+    return ("the gold rewards come from different judges, so they do not compare across runs: " + "; ".join(
+        f"{name} ({', '.join(sorted(set(where)))})" for name, where in judges.items()))
+
+
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -250,7 +269,9 @@ def _sections(runs: list[Run], samples: int) -> list[str]:
     from alignkit.eval.plots import frontier, overoptimisation, reliability_plot, training_curves
 
     pts = points(runs)
-    out = ["<h2>Summary</h2>", _table(*table_rows(runs), numeric_from=2)]
+    mixed = mixed_gold(runs)
+    out = ["<h2>Summary</h2>", *([f"<p><b>Warning:</b> {html.escape(mixed)}</p>"] if mixed else []),
+           _table(*table_rows(runs), numeric_from=2)]
     curves = [(run, training_curves(run.path.name, run.curves)) for run in runs if run.curves]
     if curves:
         out.append("<h2>Training curves</h2>")
@@ -304,4 +325,7 @@ def run_report(cfg: ReportConfig) -> str:
     runs = [load_run(r) for r in cfg.runs]
     out = write_report(runs, cfg.output, cfg.samples, cfg.title)
     print(summary_table(runs))
+    mixed = mixed_gold(runs)
+    if mixed:
+        log.warning("%s", mixed)
     return str(out)
