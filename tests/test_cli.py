@@ -154,6 +154,7 @@ def test_unwritable_outputs_exit_2(tiny_llama_dir, tmp_path):
     rankings = tmp_path / "r.jsonl"
     rankings.write_text('{"prompt": "q", "completions": ["a", "b"], "ranking": [0, 1]}\n')
     for output, why in ((tmp_path, "it is a directory; name a file"),
+                        (f"{tmp_path}/pairs/", "it names a directory; name a file"),  # wrote a file 'pairs'
                         (a_file / "p.jsonl", f"{a_file} is a file, not a directory")):
         res = _cli("data", "rankings-to-pairs", f"input={rankings}", f"output={output}")
         assert res.returncode == 2 and res.stderr.strip() == (

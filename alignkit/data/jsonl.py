@@ -228,6 +228,8 @@ def make_readable(root: Path) -> None:
 def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
     """A text file to write `path` through: a temp file in the same folder, renamed over `path` only when
     the block ends without an error, so a crash never leaves half a file."""
+    if str(path).endswith(("/", os.sep)):  # Path() would drop the slash and write a file of the folder's name
+        raise UserError(f"cannot write {path}: it names a directory; name a file")
     path = Path(path)
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a directory; name a file")
