@@ -136,3 +136,11 @@ def test_a_null_sampling_seed_draws_from_torchs_global_generator(tmp_path, tiny_
 
     assert samples("a", 1, None) != samples("b", 2, None)
     assert samples("c", 1, 0) == samples("d", 2, 0)  # a given seed fixes the samples
+
+
+def test_rejection_sampling_refuses_resume():
+    """train.resume was listed by --print-config and ignored (in an empty output_dir the run started over)."""
+    from alignkit.config import load_config
+
+    with pytest.raises(UserError, match="rejection sampling does not resume"):
+        load_config(RejectionSamplingConfig, None, ["train.resume=true"])

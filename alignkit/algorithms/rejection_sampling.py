@@ -51,6 +51,8 @@ class RejectionSamplingConfig:
             raise UserError(f"rounds must be >= 1, got {self.rounds}")
         if not 1 <= self.keep <= self.n:
             raise UserError(f"keep must be between 1 and n ({self.n}), got {self.keep}")
+        if self.train.resume:
+            raise UserError("train.resume: rejection sampling does not resume; start it again in a new output_dir")
 
 
 def select_top(sampled: list[dict], keep: int) -> list[dict]:
