@@ -263,5 +263,7 @@ def test_metrics_of_lists_of_different_lengths_are_an_error():
     for fn in (rouge, bleu_chrf):
         with pytest.raises(ValueError, match="1 completions but 2 references"):
             fn(["the cat sat"], ["the cat sat", "dog"])
+        with pytest.raises(ValueError, match="no completions to score"):  # bleu: max() of an empty sequence
+            fn([], [])
     with pytest.raises(ValueError, match="one baseline per score"):
         win_rate(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0]))

@@ -75,6 +75,8 @@ def diversity(texts: Sequence[str], segment: int = 100) -> dict:
 
 def as_reference_lists(completions: Sequence[str], references: Sequence) -> list[list[str]]:
     """Each completion's references as a non-empty list of strings (a single string becomes a list of one)."""
+    if not completions:
+        raise ValueError("no completions to score")
     if len(completions) != len(references):
         raise ValueError(f"{len(completions)} completions but {len(references)} references: give one entry (a string "
                          "or a list of strings) per completion")
