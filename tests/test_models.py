@@ -1,5 +1,7 @@
 """Model loading from local HF directories, LoRA wiring and defaults, tokenizers without a pad token."""
 
+import json
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -80,6 +82,25 @@ def test_a_reward_model_is_not_a_causal_lm(tmp_path):
     path = save_tiny(tmp_path / "rm", tiny_llama(num_labels=1))
     with pytest.raises(UserError, match="holds a LlamaForSequenceClassification .*, not a causal LM"):
         load_causal_lm(ModelConfig(str(path)))
+
+
+def test_saved_files_arrive_with_the_weights(tiny_llama_dir, tmp_path, monkeypatch):
+    """A reward model's normalisation was written after model/ was renamed into place: a kill in between left a
+    model that counted as done and scored without its gain and bias."""
+    import alignkit.models.load as load
+
+    seen = {}
+    rename = load.replace_dir
+
+    def checked(tmp, final):
+        seen[final.name] = sorted(p.name for p in tmp.iterdir() if p.suffix == ".json" and "meta" in p.name)
+        rename(tmp, final)
+
+    monkeypatch.setattr(load, "replace_dir", checked)
+    model = add_lora(load_causal_lm(ModelConfig(path=tiny_llama_dir)), LoraConfig(r=2))
+    out = save_model(model, load_tokenizer(tiny_llama_dir), tmp_path / "run", files={"meta.json": {"gain": 2.0}})
+    assert seen == {"adapter": [], "model": ["meta.json"]}  # in model/ before its rename, not in adapter/
+    assert json.loads((out / "meta.json").read_text()) == {"gain": 2.0}
 
 
 def test_save_full_model_round_trip(tiny_gpt2_dir, tmp_path):

@@ -38,7 +38,7 @@ from alignkit.errors import UserError
 from alignkit.eval.reward import comparison_metrics, gold_agreement
 from alignkit.losses.reward import kwise_loss
 from alignkit.models.load import LoraConfig, ModelConfig, check_context, load_tokenizer, save_model
-from alignkit.models.reward import load_reward_model, reward_forward, save_metadata
+from alignkit.models.reward import METADATA, load_reward_model, reward_forward
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +217,7 @@ def _finish(cfg: RewardModelConfig, model, tokenizer, algorithm, groups, eval_pa
             "chat_template": algorithm.encoder.chat, "max_length": cfg.data.max_length,
             "eval": metrics if eval_path else None}
     out = Path(cfg.output_dir)
-    save_model(model, tokenizer, out)
-    save_metadata(out / "model", meta)
+    save_model(model, tokenizer, out, files={METADATA: meta})  # the normalisation lands with the weights
     if eval_path:
         write_json(out / "eval.json", metrics)
     return metrics

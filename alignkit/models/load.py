@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from alignkit.config import check_interval, option
-from alignkit.data.jsonl import make_readable
+from alignkit.data.jsonl import make_readable, write_json
 from alignkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -210,10 +210,12 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+def save_model(model, tokenizer, out_dir: str | Path, files: dict[str, dict] | None = None) -> Path:
     """Save a loadable HF directory at `out_dir/model` (merged when LoRA) and `out_dir/adapter` (LoRA).
 
-    Both are written to temp dirs first and renamed, so a crash never leaves a half-written model.
+    Both are written to temp dirs first and renamed, so a crash never leaves a half-written model; `files`
+    (name -> JSON content, e.g. a reward model's normalisation) go into `model/` before its rename, so they
+    arrive with the weights or not at all.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,6 +231,8 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
         m.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for file, content in (files or {}).items() if name == "model" else ():
+            write_json(tmp / file, content)
         make_readable(tmp)
         replace_dir(tmp, out_dir / name)
     return out_dir / "model"

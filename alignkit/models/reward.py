@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from alignkit.data.jsonl import write_json
 from alignkit.errors import UserError
 from alignkit.models.load import LORA_TARGETS, LoraConfig, ModelConfig, default_device, from_pretrained, resolve_dtype
 
@@ -148,10 +147,6 @@ def reward_forward(model, batch: dict, chunk: int = 0) -> torch.Tensor:
         width = int(lengths[start : start + step].max())
         out.append(model(**{k: batch[k][start : start + step, :width] for k in keys}).logits[:, 0].float())
     return torch.cat(out)
-
-
-def save_metadata(model_dir: str | Path, meta: dict) -> None:
-    write_json(Path(model_dir) / METADATA, meta)
 
 
 def load_metadata(model_dir: str | Path) -> dict:
