@@ -34,3 +34,32 @@ def test_demo_pipeline_on_tiny_models(tiny_llama_dir, tmp_path, capsys):
     run_demo(cfg)
     assert capsys.readouterr().out.count("(skipped:") >= 12
     assert time.perf_counter() - t0 < 15
+
+
+def test_demo_output_dir_settings_and_fresh(tmp_path):
+    """A re-run with other settings reused the finished stages silently; --fresh deleted any output_dir (the
+    current directory with output_dir=.), and a kill during its deletion left half-deleted stages that counted
+    as done."""
+    import pytest
+
+    from alignkit.errors import UserError
+    from alignkit.tasks.demo import SETTINGS, _start
+
+    root = tmp_path / "demo"
+    _start(DemoConfig(output_dir=str(root)), root)
+    (root / "sft").mkdir()
+    _start(DemoConfig(output_dir=str(root)), root)  # same settings: the stages are reused
+    assert (root / "sft").is_dir()
+    with pytest.raises(UserError, match=r"other settings \(grpo_steps 12 -> 3\).*add --fresh"):
+        _start(DemoConfig(output_dir=str(root), grpo_steps=3), root)
+    (tmp_path / ".demo.deleting").mkdir()  # a --fresh that was killed while deleting
+    _start(DemoConfig(output_dir=str(root), grpo_steps=3, fresh=True), root)
+    assert not (root / "sft").exists() and not (tmp_path / ".demo.deleting").exists()
+    assert "grpo_steps: 3" in (root / SETTINGS).read_text()
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("x")
+    for fresh in (True, False):
+        with pytest.raises(UserError, match="holds files but no demo.yaml"):
+            _start(DemoConfig(output_dir=str(mine), fresh=fresh), mine)
+    assert (mine / "chapter1.tex").is_file()

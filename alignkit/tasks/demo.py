@@ -7,6 +7,8 @@
 
 Every stage calls the same function as its CLI stage and writes into its own directory under
 `output_dir`; a stage whose output exists is skipped, so re-running is cheap (`--fresh` starts over).
+`output_dir/demo.yaml` records the settings: a re-run with other settings is refused (its finished
+stages would not match them), and `--fresh` deletes only a directory that holds this file.
 `examples/demo.yaml` is this config with every key: copy it, point `model`, `sft_data`, `prompts`,
 `eval_prompts` and `gold` at your own, and run `alignkit demo --config my_demo.yaml`.
 """
@@ -18,8 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import option
+import yaml
+
+from alignkit.config import flatten, option, save_config, to_dict
 from alignkit.engine.config import TrainConfig
+from alignkit.errors import UserError
 from alignkit.models.load import LoraConfig, ModelConfig
 
 
@@ -32,7 +37,7 @@ class DemoConfig:
     gold: str = option("vader", "Gold judge: labels the comparisons, scores the evaluation, is logged on RL rollouts")
     reward_backbone: str = option("minilm", "Reward-model backbone ('minilm' = embedded all-MiniLM-L6-v2)")
     output_dir: str = option("runs/demo", "Where every stage writes its outputs")
-    fresh: bool = option(False, "Delete output_dir first and run every stage again")
+    fresh: bool = option(False, "Delete output_dir (a demo's, holding demo.yaml) first and run every stage again")
     lora_r: int = option(16, "LoRA rank of every policy-training stage")
     max_new_tokens: int = option(24, "Longest sampled response (rollouts, RL, evaluation)")
     sft_steps: int = option(16, "SFT optimiser steps (batch 8)")
@@ -170,13 +175,42 @@ def _evaluate(cfg: DemoConfig, run: Path, method: str, sft: Path, rm: Path) -> N
                         batch_size=32, method=method, show=0))
 
 
+SETTINGS = "demo.yaml"  # in output_dir: the settings its stages were run with; marks the directory as a demo's
+
+
+def _settings(cfg: DemoConfig) -> dict:
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("fresh", "output_dir")}
+
+
+def _start(cfg: DemoConfig, root: Path) -> None:
+    """Check `root` against this run's settings (deleting it first with --fresh) and record them."""
+    root = root.resolve()  # output_dir=. has no name to rename
+    trash = root.with_name(f".{root.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)  # what a --fresh cut short left
+    holds = root.is_dir() and any(root.iterdir())
+    if holds and not (root / SETTINGS).is_file():
+        raise UserError(f"output_dir {root} holds files but no {SETTINGS}, so it is not a demo's output (or one "
+                        "from before demo.yaml); the demo will not write into it or delete it: name another "
+                        "output_dir")
+    if holds and cfg.fresh:
+        root.rename(trash)  # one step: a kill during the deletion leaves no half-deleted stage behind
+        shutil.rmtree(trash)
+    elif holds:
+        old = flatten(yaml.safe_load((root / SETTINGS).read_text()) or {})
+        new = flatten(_settings(cfg))
+        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+        if changed:
+            raise UserError(f"{root} holds a demo run with other settings ({'; '.join(changed)}), whose finished "
+                            "stages would be reused: add --fresh to start over, or name another output_dir")
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(_settings(cfg), root / SETTINGS)
+
+
 def run_demo(cfg: DemoConfig) -> str:
     from alignkit.eval.report import load_run, summary_table, write_report
 
     root = Path(cfg.output_dir)
-    if cfg.fresh:
-        shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
+    _start(cfg, root)
     t0 = time.perf_counter()
     steps = []
 
