@@ -13,7 +13,7 @@ import os
 import sys
 
 from alignkit.errors import UserError
-from alignkit.feedback.label_cli import SUBCOMMANDS as LABEL_APP
+from alignkit.feedback import label_cli  # the labelling app's commands (light: argparse only until one runs)
 
 # stage -> (module, config class, run function, one-line help). Modules are imported only when used,
 # so `alignkit --help` stays fast.
@@ -24,7 +24,7 @@ STAGES = {
                 "sample K completions per prompt into a rankings file for labelling"),
     "label": ("alignkit.feedback.simulated", "LabelConfig", "run_label",
               "simulated labelers: rank completions with a noisy gold judge; people label in the web app: "
-              f"alignkit label {'|'.join(LABEL_APP)} --help"),
+              f"alignkit label {'|'.join(label_cli.SUBCOMMANDS)} --help"),
     "data rankings-to-pairs": ("alignkit.data.preferences", "RankingsToPairsConfig", "run_rankings_to_pairs",
                                "expand K-wise rankings to all pairwise comparisons (ties dropped)"),
     "rm": ("alignkit.algorithms.reward_model", "RewardModelConfig", "run_rm",
@@ -90,11 +90,8 @@ def positional(module, overrides: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
-    if raw[:1] == ["label"] and len(raw) > 1:  # `alignkit label serve|import|export|...`: the labelling app
-        from alignkit.feedback import label_cli
-
-        if raw[1] in LABEL_APP:
-            return label_cli.main(raw[1:])
+    if raw[:1] == ["label"] and raw[1:2] and raw[1] in label_cli.SUBCOMMANDS:  # the labelling app
+        return label_cli.main(raw[1:])
     parser = build_parser()
     grouped = _group_argv(raw)
     if grouped is None:  # `alignkit cai` without a known subcommand
