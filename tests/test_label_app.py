@@ -262,7 +262,8 @@ def test_export_has_the_labelers_ranking_not_the_imported_files(tmp_path):
     sets = tmp_path / "ranked.jsonl"
     sets.write_text(json.dumps({"prompt": "Rate.", "completions": ["good", "ok", "bad"], "ranking": [2, 1, 0],
                                 "gold": [0.9, 0.5, 0.1], "chosen": "bad", "rejected": "good", "label": 0.2,
-                                "margin": 1.0, "note": "file", "topic": "x"}) + "\n")
+                                "margin": 1.0, "note": "file", "labeler": "bob", "flags": {"0": ["unsafe"]},
+                                "topic": "x"}) + "\n")  # an earlier export, say
     url = f"sqlite:///{tmp_path / 'l.db'}"
     engine = db.connect(url)
     assert db.import_completion_sets(engine, sets) == (1, 0)
@@ -280,6 +281,8 @@ def test_export_has_the_labelers_ranking_not_the_imported_files(tmp_path):
     assert [(p["chosen"], p["rejected"], p["chosen_gold"]) for p in pairs] == [
         ("good", "ok", 0.9), ("good", "bad", 0.9), ("ok", "bad", 0.5)]
     assert not any({"label", "margin"} & p.keys() for p in pairs)
+    # the file's label details (an earlier labeler's note and flags) are not passed off as ann's
+    assert all(p["labeler"] == "ann" and not {"note", "flags"} & p.keys() for p in pairs)
 
 
 @pytest.mark.parametrize("first, second, key", [

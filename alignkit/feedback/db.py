@@ -32,6 +32,7 @@ from alignkit.data.preferences import COMPLETIONS_SCHEMA, carried_fields, prompt
 from alignkit.errors import UserError
 
 MAX_K = 26  # completions per prompt: the label page names them A to Z
+LABEL_FIELDS = {"source_prompt_id", "labeler", "ratings", "flags", "note"}  # what an export adds to a label
 metadata = MetaData()
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
 prompts = Table(
@@ -175,7 +176,8 @@ def import_completion_sets(engine: Engine, path) -> tuple[int, int]:
     A row's key is its `prompt_id` (else `id`, else a hash of prompt and completions), compared as text, so
     importing the same file twice adds nothing; two rows of one file with one key are an error. The other
     fields are passed on at export, but not those a label derives (`carried_fields`: a labelled file's own
-    `ranking`, `chosen`, `label`, ...), which the labelers' ranking replaces; `gold` is kept.
+    `ranking`, `chosen`, `label`, ...) nor those of a label (`LABEL_FIELDS`: an imported export's labeler, note,
+    ...), which the labelers' own replace; `gold` is kept.
     """
     rows: dict[str, tuple[str, dict]] = {}
     for where, row in read_located(path, COMPLETIONS_SCHEMA):
@@ -193,7 +195,7 @@ def import_completion_sets(engine: Engine, path) -> tuple[int, int]:
         for pid, (_, row) in rows.items():
             if pid in present:
                 continue
-            kept = carried_fields(row).keys() | {"gold"}
+            kept = (carried_fields(row).keys() | {"gold"}) - LABEL_FIELDS
             extra = {k: v for k, v in row.items() if k in kept}
             conn.execute(insert(prompts).values(
                 prompt_id=pid, prompt_json=json.dumps(prompt_fields(row), ensure_ascii=False),
