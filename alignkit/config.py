@@ -246,17 +246,21 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def saved_config(path: str | Path) -> dict:
+    """The flattened config a run saved at `path` ({"train.lr": ...}); {} when the file is not readable YAML."""
+    try:
+        return flatten(yaml.safe_load(Path(path).read_text()) or {})
+    except yaml.YAMLError:
+        return {}
+
+
 def save_config(config: dict, path: str | Path) -> None:
     """Write a run's config (`to_dict` of it) as YAML, atomically. A resumed run overwrites its earlier
     config: the settings that changed are logged as a warning first (continuing with, say, another
     learning rate or batch size is allowed)."""
     path = Path(path)
     if path.exists():
-        try:
-            old = flatten(yaml.safe_load(path.read_text()) or {})
-        except yaml.YAMLError:
-            old = {}
-        new = flatten(config)
+        old, new = saved_config(path), flatten(config)
         changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k] and k != "train.resume"]
         if changed:
             logging.getLogger(__name__).warning("%s: continuing with changed settings: %s", path, "; ".join(changed))

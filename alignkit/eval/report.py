@@ -173,7 +173,8 @@ def points(runs: list[Run]) -> list[dict]:
 
 def mixed_gold(runs: list[Run]) -> str | None:
     """A note when the evaluations' gold rewards come from different judges (their values do not compare), else
-    None. Each evaluation records its gold source in its config (`eval gold.judge=...`)."""
+    None. Each evaluation records its gold source in its config (`eval gold.judge=...`). The report shows it in
+    its summary and logs it as a warning."""
     judges: dict[str, list[str]] = {}
     for run in runs:
         for e in run.evals:
@@ -270,6 +271,8 @@ def _sections(runs: list[Run], samples: int) -> list[str]:
 
     pts = points(runs)
     mixed = mixed_gold(runs)
+    if mixed:
+        log.warning("%s", mixed)
     out = ["<h2>Summary</h2>", *([f"<p><b>Warning:</b> {html.escape(mixed)}</p>"] if mixed else []),
            _table(*table_rows(runs), numeric_from=2)]
     curves = [(run, training_curves(run.path.name, run.curves)) for run in runs if run.curves]
@@ -325,7 +328,4 @@ def run_report(cfg: ReportConfig) -> str:
     runs = [load_run(r) for r in cfg.runs]
     out = write_report(runs, cfg.output, cfg.samples, cfg.title)
     print(summary_table(runs))
-    mixed = mixed_gold(runs)
-    if mixed:
-        log.warning("%s", mixed)
     return str(out)

@@ -20,9 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from alignkit.config import flatten, option, save_config, to_dict
+from alignkit.config import flatten, option, save_config, saved_config, to_dict
 from alignkit.engine.config import TrainConfig
 from alignkit.errors import UserError
 from alignkit.models.load import LoraConfig, ModelConfig
@@ -196,8 +194,7 @@ def _start(cfg: DemoConfig, root: Path) -> None:
         root.rename(trash)  # one step: a kill during the deletion leaves no half-deleted stage behind
         shutil.rmtree(trash)
     elif holds:
-        old = flatten(yaml.safe_load((root / SETTINGS).read_text()) or {})
-        new = flatten(_settings(cfg))
+        old, new = saved_config(root / SETTINGS), flatten(_settings(cfg))
         changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
         if changed:
             raise UserError(f"{root} holds a demo run with other settings ({'; '.join(changed)}), whose finished "
