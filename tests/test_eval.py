@@ -105,6 +105,8 @@ def test_win_rate_describe_pearson():
     d = describe(torch.tensor([1.0, 3.0]))
     assert (d["mean"], d["std"], d["min"], d["max"]) == (2.0, 1.0, 1.0, 3.0)
     assert d["stderr"] == pytest.approx(math.sqrt(2) / math.sqrt(2))
+    with pytest.raises(ValueError, match="no values"):
+        describe(torch.zeros(0))
     assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.5])) > 0.99
     assert math.isnan(pearson(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])))
 

@@ -81,6 +81,11 @@ def test_group_advantages():
     # RLOO over (1, 2, 6): 1 - 4, 2 - 3.5, 6 - 1.5
     assert leave_one_out(torch.tensor([1.0, 2.0, 6.0]), torch.zeros(3, dtype=torch.long)).tolist() == [-3.0, -1.5, 4.5]
     assert equal_groups(torch.tensor([1.0, 1.0, 0.0, 2.0]), group).tolist() == [True, True, False, False]
+    empty = torch.zeros(0)
+    for fn in (group_normalised, group_centred, leave_one_out, equal_groups):
+        assert fn(empty, empty.long()).numel() == 0
+        with pytest.raises(ValueError, match="one shape"):
+            fn(scores, group[:3])
 
 
 def test_a_group_of_equal_float32_scores_has_advantage_zero():
@@ -179,6 +184,7 @@ def test_reward_sources():
         CallableReward(lambda prompts, completions: ["good"] * 2).score(["p", "q"], ["a", "b"])
     assert length_penalty(torch.tensor([1.0, 2.0]), torch.tensor([True, False]), -1.0).tolist() == [1.0, -1.0]
     assert length_penalty(torch.tensor([1.0, 2.0]), torch.tensor([True, False]), None).tolist() == [1.0, 2.0]
+    assert length_penalty(torch.tensor([1.0, 2.0]), torch.tensor([1, 0]), -1.0).tolist() == [1.0, -1.0]  # a 0/1 mask
 
 
 def test_explained_variance():

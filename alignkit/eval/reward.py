@@ -131,6 +131,8 @@ def describe(values: torch.Tensor) -> dict:
     """mean, std (population), stderr = std_{n-1} / sqrt(n), min and max of a 1-D tensor."""
     v = values.double()
     n = v.numel()
+    if not n:
+        raise ValueError("describe: no values")
     stderr = float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
     return {"mean": float(v.mean()), "std": float(v.std(unbiased=False)), "stderr": stderr,
             "min": float(v.min()), "max": float(v.max())}

@@ -42,6 +42,10 @@ def _group_stats(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tenso
     sum divided by the count can miss it by a rounding error (e.g. three scores of 0.7717 give a mean 6e-8 off),
     which the std division of GRPO would then blow up into a same-sign advantage for the whole group.
     """
+    if scores.shape != group.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and group {tuple(group.shape)} must have one shape")
+    if not scores.numel():
+        return scores, scores, scores
     _, index = torch.unique(group, return_inverse=True)
     n = int(index.max()) + 1
     count = torch.zeros(n, dtype=scores.dtype, device=scores.device).index_add_(0, index, torch.ones_like(scores))

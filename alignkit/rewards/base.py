@@ -77,7 +77,7 @@ def length_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | N
     (Ziegler et al. 2019 used -1 for samples that did not end; null keeps their score)."""
     if penalty is None:
         return scores
-    return torch.where(ended.to(scores.device), scores, torch.full_like(scores, penalty))
+    return torch.where(ended.to(scores.device, torch.bool), scores, torch.full_like(scores, penalty))
 
 
 def import_attr(spec: str, what: str):
