@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from alignkit.errors import UserError
 from alignkit.eval.reward import calibration, comparison_metrics, describe, pearson, reliability, win_rate
 from alignkit.eval.text import bleu_chrf, distinct_n, diversity, msstr, ngram_entropy, rouge, words
 
@@ -148,6 +149,8 @@ def test_bertscore_identical_text_is_one(tiny_bert_dir):
             assert v.tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
     other = BERTScorer(tiny_bert_dir).score(["good good good"], ["the service was bad"])
     assert other["f1"].item() < 0.999
+    with pytest.raises(UserError, match="at least 2 references, got 1"):  # every idf would be 0, the score 0
+        BERTScorer(tiny_bert_dir, idf=True).score(["the food was good"], ["the food was good"])
 
 
 # ------------------------------------------------------------------------------------------- policy metrics

@@ -6,7 +6,8 @@ With reference tokens x (embeddings x_i) and candidate tokens x^ (x^_j), all L2-
     P = sum_j w(x^_j) max_i x_i . x^_j / sum_j w(x^_j)
     F = 2 P R / (P + R)
 with w = 1 (default) or w = idf(w) = log((M + 1) / (df(w) + 1)) over the M references (the paper's
-plus-one smoothing, as in the authors' `bert_score` package). Special tokens ([CLS], [SEP]) are left out.
+plus-one smoothing, as in the authors' `bert_score` package; M >= 2, as one reference would give each of its
+tokens idf 0). Special tokens ([CLS], [SEP]) are left out.
 With several references per candidate the one with the best F counts (as `bert_score` does).
 
 Differences from the published default: the paper and `bert_score` use roberta-large (layer 17) for
@@ -23,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from alignkit.errors import UserError
 from alignkit.eval.text import as_reference_lists
 
 
@@ -71,6 +73,9 @@ class BERTScorer:
         """P, R, F1 (N,) of each candidate against its reference (a string or a list of strings)."""
         refs = as_reference_lists(candidates, references)
         flat = [r for row in refs for r in row]
+        if self.idf and len(flat) < 2:
+            raise UserError(f"BERTScore idf weights need at least 2 references, got {len(flat)}: with one, each of "
+                            "its tokens has idf log(2 / 2) = 0 and the score is 0; score without idf")
         ref_emb = self.embed(flat)
         cand_emb = self.embed(list(candidates))
         idf = idf_table([ids for _, ids in ref_emb]) if self.idf else None

@@ -69,7 +69,7 @@ class EvalConfig:
                                    "BERTScore; rows without it are left out of those")
     bertscore_model: str | None = option("minilm", "BERTScore encoder ('minilm' = embedded all-MiniLM-L6-v2); "
                                          "null = no BERTScore")
-    bertscore_idf: bool = option(False, "Weight BERTScore tokens by idf over the references")
+    bertscore_idf: bool = option(False, "Weight BERTScore tokens by idf over the references (needs >= 2)")
     msstr_segment: int = option(100, "Segment length (words) of the MSSTR diversity metric")
     sampling: EvalSampling = option(EvalSampling(), "Decoding of the evaluated completions; the KL uses them at "
                                     "temperature 1 without top-k/top-p, else draws its own such samples")
