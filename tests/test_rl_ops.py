@@ -170,6 +170,9 @@ def test_kl_shaped_rewards_and_controllers():
     ctl = AdaptiveKL(0.1, target=6.0, horizon=100)
     ctl.update(5.4, 10)  # error -.1
     assert ctl.beta == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))
+    with pytest.raises(ValueError, match="KL is nan"):
+        ctl.update(float("nan"), 10)
+    assert ctl.beta == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))
     fixed = FixedKL(0.3)
     fixed.update(100.0, 10)
     assert fixed.beta == 0.3

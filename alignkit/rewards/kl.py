@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from alignkit.ops.kl import KL_ESTIMATORS
@@ -43,6 +45,8 @@ class AdaptiveKL:
         self.beta, self.target, self.horizon = beta, target, horizon
 
     def update(self, kl: float, n_samples: int) -> None:
+        if not math.isfinite(kl):  # clipping would pass a NaN through and leave beta NaN for the rest of the run
+            raise ValueError(f"AdaptiveKL.update: the measured KL is {kl}")
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.beta *= 1.0 + error * n_samples / self.horizon
 
