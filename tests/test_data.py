@@ -276,6 +276,8 @@ def test_chatml_end_of_turn_trained_not_doubled(chatml_tok):
     ex = tokenize_sft({"prompt": "review the food", "completion": "the food is good"}, t, 64)
     assert trained_spans(t, ex) == ["the food is good<|im_end|>"]
     assert ex["input_ids"][-1] == end and ex["input_ids"][-2] != end
+    already = tokenize_sft({"prompt": "review the food", "completion": "the food is good<|im_end|>"}, t, 64)
+    assert already["input_ids"] == ex["input_ids"]
     ex = tokenize_sft({"messages": CONVERSATION}, t, 128)
     assert trained_spans(t, ex) == ["the food is good<|im_end|>", "great service<|im_end|>"]
     assert ex["input_ids"].count(end) == 5  # one per rendered turn (system, user, assistant, user, assistant)
@@ -289,6 +291,8 @@ def test_template_without_end_token_gets_eos(tok):
     ex = tokenize_sft({"prompt": "hi", "completion": "the food"}, t, 64)
     assert trained_spans(t, ex) == ["the food\n" + t.eos_token]
     assert ex["input_ids"].count(t.eos_token_id) == 1
+    already = tokenize_sft({"prompt": "hi", "completion": "the food" + t.eos_token}, t, 64)  # one EOS, not two
+    assert already["input_ids"] == ex["input_ids"]
 
 
 def test_messages_need_a_chat_template(tmp_path, tok):

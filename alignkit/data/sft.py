@@ -66,6 +66,15 @@ def _no_eos(where: str) -> UserError:
     return UserError(f"{where}: the tokenizer has no eos token to end completions; set eos_token in its config")
 
 
+def _without_eos_text(message: dict, eos: str | None) -> dict:
+    """An assistant turn whose text ends with the EOS text loses it: the template (or we) end the turn, and
+    a second EOS would be trained (as on the plain path, a completion that ends with EOS keeps just one)."""
+    content = message.get("content")
+    if message.get("role") != "assistant" or not eos or not isinstance(content, str) or not content.endswith(eos):
+        return message
+    return {**message, "content": content[: -len(eos)]}
+
+
 def _pieces(row: dict, enc: _Encoder, where: str, tokenizer) -> list:
     """(text or ids, is_target) pieces of one row, EOS included."""
     if enc.chat:
@@ -73,6 +82,7 @@ def _pieces(row: dict, enc: _Encoder, where: str, tokenizer) -> list:
             {"role": "user", "content": row["prompt"]},
             {"role": "assistant", "content": row["completion"]},
         ]
+        messages = [_without_eos_text(m, tokenizer.eos_token) for m in messages]
         pieces, closed = assistant_pieces(tokenizer, messages, enc.specials, where)
         while pieces and not pieces[-1][1]:
             pieces.pop()  # scaffolding after the last end-of-turn token (a newline) teaches nothing
@@ -98,7 +108,8 @@ def tokenize_sft(
     With `chat_template` and a tokenizer that has one, {prompt, completion} becomes a user turn and an
     assistant turn, and every assistant turn of {messages} is trained through its end-of-turn token.
     Otherwise the text is BOS (if the tokenizer adds one) + prompt + completion + EOS, with nothing in
-    between; messages rows then raise UserError. The sequence is cut to `max_length` from the right;
+    between; messages rows then raise UserError. A completion (or assistant turn) that already ends with the
+    EOS text is trained with that one EOS, not two. The sequence is cut to `max_length` from the right;
     None when no target token is left (the caller counts and reports drops). `where` ("file:line")
     prefixes errors.
     """
