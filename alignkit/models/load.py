@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -141,6 +142,11 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: 
     if not trainable:
         model.requires_grad_(False)
     return model
+
+
+# PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model, a FutureWarning
+# that our users can do nothing about.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def add_lora(model, lora: LoraConfig):
