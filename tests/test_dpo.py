@@ -267,3 +267,17 @@ def test_cli_entries(monkeypatch, capsys, tmp_path, pair_files, tiny_llama_dir):
     code = cli.main(["dpo", f"model.path={tiny_llama_dir}", f"data.train={pair_files[0]}", "data.eval=null",
                      "loss=ipo", "train.max_steps=2", "train.report_to=[]", "kl.samples=0", f"output_dir={out}"])
     assert code == 0 and (out / "model" / "config.json").is_file() and (out / "reference_logps.pt").is_file()
+
+
+def test_kl_prompts_too_long_for_the_context_fail_before_training(tmp_path, capsys, pair_files, tiny_llama_dir):
+    """They failed after training, in the KL step before the save, so the trained model was lost (and the
+    message named sampling.max_new_tokens, a key DPO does not have)."""
+    from alignkit import cli
+
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "review " + " ".join(["food"] * 600)}])
+    out = tmp_path / "run"
+    code = cli.main(["dpo", f"model.path={tiny_llama_dir}", f"data.train={pair_files[0]}", "data.eval=null",
+                     "train.max_steps=1", "train.report_to=[]", f"kl.prompts={long}", "kl.samples=1",
+                     "kl.max_new_tokens=4", f"output_dir={out}"])
+    assert code == 2 and "with kl.max_new_tokens=4 the model would read" in capsys.readouterr().err
+    assert not (out / "reference_logps.pt").exists() and not (out / "model").exists()

@@ -111,3 +111,20 @@ def test_save_full_model_round_trip(tiny_gpt2_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_weights_stamp_changes_when_a_model_is_rewritten_at_its_path(tmp_path):
+    """DPO's reference log-prob cache is keyed on it: a path alone reused the old model's log-probs."""
+    import shutil
+
+    from alignkit.models.load import weights_stamp
+    from alignkit.models.tiny import tiny_llama
+
+    path = tmp_path / "m"
+    save_tiny(path, tiny_llama(seed=0))
+    first = weights_stamp(path)
+    assert weights_stamp(str(path)) == first  # a str or a Path, read twice: the same model
+    shutil.rmtree(path)
+    save_tiny(path, tiny_llama(seed=7))
+    assert weights_stamp(path) != first
+    assert weights_stamp("org/some-hub-model") == "org/some-hub-model"

@@ -39,13 +39,13 @@ from alignkit.algorithms.reference import Reference, cache_reference, disable_dr
 from alignkit.algorithms.sft import check_output_dir
 from alignkit.config import check_interval, option, to_dict
 from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_json
-from alignkit.data.preference_tokens import collate_pairs, collate_sequences, load_pairs, load_unpaired
+from alignkit.data.preference_tokens import collate_pairs, collate_sequences, load_pairs, load_unpaired, prompt_ids
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine, add_metrics, total_metrics
 from alignkit.errors import UserError
 from alignkit.losses.preference import PREFERENCE_LOSSES, PreferenceLoss
 from alignkit.models.load import (
-    LoraConfig, ModelConfig, check_context, is_peft, load_causal_lm, load_tokenizer, save_model,
+    LoraConfig, ModelConfig, check_context, context_length, is_peft, load_causal_lm, load_tokenizer, save_model, weights_stamp,
 )
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,19 @@ def _kl_prompts(cfg: DPOConfig, eval_rows: list[dict] | None) -> list:
     return list(unique.values())[: cfg.kl.samples]
 
 
+def _check_kl_context(cfg: DPOConfig, model, tokenizer, prompts: list) -> None:
+    """Before training: the KL samples must fit the model's context (they are drawn after it)."""
+    context = context_length(model)
+    if not prompts or context is None:
+        return
+    longest = max(len(prompt_ids(p, tokenizer, cfg.data.chat_template)) for p in prompts)
+    if longest + cfg.kl.max_new_tokens - 1 > context:
+        raise UserError(f"the longest KL prompt (kl.prompts, or data.eval's prompts) is {longest} tokens; with "
+                        f"kl.max_new_tokens={cfg.kl.max_new_tokens} the model would read "
+                        f"{longest + cfg.kl.max_new_tokens - 1} positions, more than its context of {context}: "
+                        "shorten those prompts, lower kl.max_new_tokens or set kl.samples=0")
+
+
 def _final_kl(cfg: DPOConfig, model, reference: Reference, tokenizer, prompts: list, out: Path) -> dict | None:
     if not prompts:
         return None
@@ -281,13 +294,14 @@ def run_dpo(cfg: DPOConfig) -> Path:
     kl_prompts = _kl_prompts(cfg, eval_rows) if cfg.kl.samples else []  # read now: a bad file fails before training
     model = load_causal_lm(cfg.model, cfg.lora)
     check_context(model, cfg.data.max_length)
+    _check_kl_context(cfg, model, tokenizer, kl_prompts)
     disable_dropout(model)
     reference = _reference(cfg, model)
     algorithm = {True: PairPreference, False: UnpairedPreference}[cfg.spec.paired](
         cfg.spec, cfg.hyper, tokenizer.pad_token_id, reference)
     if cfg.spec.reference and cfg.reference == "cached":
         splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
-        reference_id = f"{cfg.reference_model or cfg.model.path}|{cfg.model.dtype}|{acc.mixed_precision}"
+        reference_id = f"{weights_stamp(cfg.reference_model or cfg.model.path)}|{cfg.model.dtype}|{acc.mixed_precision}"
         with acc.autocast():  # in the training's precision, as a live reference would be
             cache_reference(model, algorithm, splits, out / "reference_logps.pt", reference_id,
                             cfg.train.micro_batch_size, acc.device, acc.is_main_process)
@@ -298,7 +312,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
                  "" if accuracy is None else f", preference accuracy {accuracy:.3f}")
     acc.wait_for_everyone()
     if acc.is_main_process:
+        save_model(model, tokenizer, out)  # first: a failure of the KL estimate must not lose the trained model
         _final_kl(cfg, model, reference, tokenizer, kl_prompts, out)
-        save_model(model, tokenizer, out)
     acc.wait_for_everyone()
     return out / "model"

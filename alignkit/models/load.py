@@ -98,6 +98,17 @@ def resolve_path(path: str | os.PathLike) -> str:
     return resolve_model(path)
 
 
+def weights_stamp(name: str | os.PathLike) -> str:
+    """The identity of a model's weights, for caches of what it computes: its resolved path and, for a local
+    directory, the name, size and modification time of each file in it (a model rewritten at the same path
+    gets another stamp); a hub name stands for itself."""
+    resolved = Path(resolve_path(name))
+    if not resolved.is_dir():
+        return os.fspath(name)
+    files = sorted((f.name, f.stat()) for f in resolved.iterdir() if f.is_file())
+    return ";".join([str(resolved.resolve()), *(f"{n}:{st.st_size}:{st.st_mtime_ns}" for n, st in files)])
+
+
 def from_pretrained(cls, name: str | os.PathLike, what: str, **kwargs):
     """`cls.from_pretrained` on `name` (an alias, a directory or a hub name); a model that cannot be found or
     read is a one-line UserError naming it, not a traceback."""
