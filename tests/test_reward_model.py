@@ -278,3 +278,14 @@ def test_rollout_command_with_a_tiny_policy(tiny_llama_dir, tmp_path):
                                             f"output={tmp_path / 'c.jsonl'}", "sampling.max_new_tokens=5"])
     rows = read_completion_sets(run_rollout(cfg))
     assert len(rows) == 2 and all(len(r["completions"]) == 3 for r in rows)
+
+
+def test_sampling_stages_refuse_to_overwrite_their_prompts(tmp_path, capsys):
+    """generate and eval wrote over their own prompts file (exit 0, the prompts gone); score and label refused."""
+    from alignkit import cli
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "review ab"}])
+    before = prompts.read_text()
+    for stage in (["generate"], ["rollout"], ["eval", "policy=nowhere"]):  # refused before any model is read
+        assert cli.main([*stage, f"prompts={prompts}", f"output={prompts}"]) == 2
+        assert "is the input file" in capsys.readouterr().err and prompts.read_text() == before

@@ -211,7 +211,12 @@ def check_io(input: str | None, output: str | None, hint: str) -> None:
     both paths set, and the output not the input (it would be overwritten)."""
     if not input or not output:
         raise UserError(f"set {hint}")
-    if Path(output).resolve() == Path(input).resolve():
+    check_not_input(output, input)
+
+
+def check_not_input(output: str | os.PathLike | None, input: str | None) -> None:
+    """UserError when `output` is the `input` file (writing it would overwrite what is being read)."""
+    if output and input and Path(output).resolve() == Path(input).resolve():
         raise UserError(f"output={output} is the input file; write the result elsewhere")
 
 

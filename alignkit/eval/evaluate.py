@@ -122,8 +122,10 @@ def _load(path, dtype: str):
 def run_eval(cfg: EvalConfig) -> str:
     """Evaluate `cfg.policy` and write the JSON; returns its path."""
     from alignkit.algorithms.best_of_n import prompt_rows
+    from alignkit.data.jsonl import check_not_input
     from alignkit.models.load import load_tokenizer
 
+    check_not_input(cfg.output_path(), cfg.prompts)
     tokenizer = load_tokenizer(cfg.policy)  # a wrong path fails before any other work
     rows = prompt_rows(cfg.prompts, cfg.max_prompts)
     rewards = {name: as_reward(c) for name, c in (("gold", cfg.gold), ("proxy", cfg.proxy)) if c.sources}
