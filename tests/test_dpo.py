@@ -233,6 +233,11 @@ def test_soft_labels_only_for_losses_that_take_them(tmp_path, tiny_llama_dir):
     with pytest.raises(UserError, match="soft labels"):
         _run(tmp_path, (path, None), "simpo", steps=1, model=tiny_llama_dir)
     assert PREFERENCE_LOSSES["cdpo"].soft_labels
+    hard = str(write_jsonl(tmp_path / "hard.jsonl", make_pairs(16)))
+    with pytest.raises(UserError, match=f"^{path}: rows carry soft labels"):  # the held-out file was not checked
+        _run(tmp_path, (hard, path), "ipo", steps=1, model=tiny_llama_dir)
+    with pytest.raises(UserError, match=f"^{path}:1: a pair with a soft label"):  # KTO made every chosen desirable
+        _run(tmp_path, (path, None), "kto", steps=1, model=tiny_llama_dir)
 
 
 def test_kl_is_zero_for_the_reference_itself(tmp_path):

@@ -228,10 +228,10 @@ def _load_rows(cfg: DPOConfig, tokenizer) -> tuple[list[dict], list[dict] | None
     load = {True: load_pairs, False: load_unpaired}[cfg.spec.paired]
     train = load(train_path, tokenizer, d.max_length, d.chat_template)[: d.max_rows]
     evals = load(eval_path, tokenizer, d.max_length, d.chat_template) if eval_path else None
-    labelled = any(r.get("label") is not None for r in train)
-    if labelled and cfg.spec.paired and not cfg.spec.soft_labels:
-        raise UserError(f"{train_path}: rows carry soft labels ('label'), which loss={cfg.loss} cannot use; "
-                        "use loss=dpo or loss=cdpo, or drop the labels")
+    for path, rows in ((train_path, train), (eval_path, evals or [])):
+        if cfg.spec.paired and not cfg.spec.soft_labels and any(r.get("label") is not None for r in rows):
+            raise UserError(f"{path}: rows carry soft labels ('label'), which loss={cfg.loss} cannot use; "
+                            "use loss=dpo or loss=cdpo, or drop the labels")
     return train, evals
 
 

@@ -114,8 +114,13 @@ def load_pairs(path, tokenizer, max_length: int, chat_template: bool = True) -> 
 def _unpaired_rows(path) -> list[tuple[str, dict]]:
     first = next(iter_rows(path, None), (None, {}))[1]
     if "chosen" in first or "ranking" in first:
+        pairs = _pair_rows(path)
+        for where, row in pairs:
+            if row.get("label") is not None:
+                raise UserError(f"{where}: a pair with a soft label ('label') cannot be split into KTO's desirable "
+                                "(chosen) and undesirable (rejected) rows; drop the labels, or use loss=dpo or cdpo")
         return [(where, {**row, "completion": row[side], "label": side == "chosen"})
-                for where, row in _pair_rows(path) for side in ("chosen", "rejected")]
+                for where, row in pairs for side in ("chosen", "rejected")]
     return list(iter_rows(path, UNPAIRED_SCHEMA))
 
 
