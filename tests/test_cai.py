@@ -247,6 +247,24 @@ def test_labelled_pair_orders_sides_and_label():
     assert (kept["chosen"], kept["label"], kept["chosen_gold"]) == ("a", 0.65, 0.1)
 
 
+def test_pairs_to_judge_drops_old_verdicts_and_gives_unique_ids(tmp_path):
+    """An input pair's margin stayed on the pair when the judge swapped its sides (the old loser then 'won by 2');
+    a set with id 1 and the set on row 1 without one shared the prompt id 1, an output dpo refused to read."""
+    from alignkit.algorithms.constitutional import pairs_to_judge
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2.0,
+                                                    "label": 0.9, "topic": "food"}])
+    assert pairs_to_judge(str(pairs)) == [({"prompt": "p", "topic": "food"}, "a", "b")]
+    sets = [{"prompt": "p", "completions": ["a", "b"], "id": 1}, {"prompt": "q", "completions": ["c", "d"]}]
+    with pytest.raises(UserError, match="rows 1 and 2 both get the prompt id 1"):
+        pairs_to_judge(str(write_jsonl(tmp_path / "clash.jsonl", sets)))
+    sets = [{"prompt": "p", "completions": ["a", "b", "c"], "gold": [0.1, 0.2, 0.3], "margin": 1, "topic": "food"}]
+    (base, a, b), *_ = pairs_to_judge(str(write_jsonl(tmp_path / "sets.jsonl", sets)))
+    assert (a, b) == ("a", "b")
+    assert base == {"prompt": "p", "topic": "food", "prompt_id": 0, "id": "0:0-1", "chosen_gold": 0.1,
+                    "rejected_gold": 0.2}
+
+
 def test_cai_label_writes_pairs_that_rm_and_dpo_read(tmp_path, tiny_llama_dir):
     from alignkit.algorithms.reward_model import load_groups
     from alignkit.data.preference_tokens import load_pairs

@@ -37,7 +37,9 @@ from tqdm.auto import tqdm
 from alignkit.config import option
 from alignkit.data.constitution import Principle, load_constitution, sample_principles
 from alignkit.data.jsonl import check_io, iter_rows, write_json, write_jsonl
-from alignkit.data.preferences import prompt_fields, prompt_of
+from alignkit.data.preferences import (
+    carried_fields, gold_scores, prompt_fields, prompt_of, read_completion_sets, read_pairs, set_prompt_ids,
+)
 from alignkit.errors import UserError
 from alignkit.eval.reward import gold_agreement
 from alignkit.feedback.ai_judge import JudgeConfig, PairwiseJudge
@@ -167,21 +169,22 @@ def run_cai_revise(cfg: ReviseConfig) -> str:
 # ------------------------------------------------------------------------------------------------ RLAIF labels
 
 def pairs_to_judge(path: str) -> list[tuple[dict, str, str]]:
-    """(base row, a, b) per comparison: a pairs file (a = chosen, b = rejected, old label dropped) or
-    completion sets {prompt|messages, completions: [K]} (every C(K, 2) pair, a = the earlier one)."""
-    from alignkit.data.preferences import read_completion_sets, read_pairs
-
+    """(base row, a, b) per comparison: a pairs file (a = chosen, b = rejected; the old label and margin dropped)
+    or completion sets {prompt|messages, completions: [K]} (every C(K, 2) pair, a = the earlier one; prompt ids
+    and carried fields as in `rankings_to_pairs`, a per-completion `gold` list as chosen_gold / rejected_gold)."""
     first = next(iter_rows(path, None), (None, {}))[1]
     if "chosen" in first:
-        drop = ("chosen", "rejected", "label")
+        drop = ("chosen", "rejected", "label", "margin")
         return [({k: v for k, v in row.items() if k not in drop}, row["chosen"], row["rejected"])
                 for row in read_pairs(path)]
     out = []
-    for n, row in enumerate(read_completion_sets(path)):
-        pid = row.get("prompt_id", row.get("id", n))
-        extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", "completions", "ranking", "id")}
+    rows = read_completion_sets(path)
+    for row, pid in zip(rows, set_prompt_ids(rows, path)):
+        extra, gold = carried_fields(row), gold_scores(row)
         for i, j in combinations(range(len(row["completions"])), 2):
             base = {**prompt_fields(row), **extra, "prompt_id": pid, "id": f"{pid}:{i}-{j}"}
+            if gold:
+                base.update(chosen_gold=gold[i], rejected_gold=gold[j])
             out.append((base, row["completions"][i], row["completions"][j]))
     return out
 
