@@ -16,7 +16,7 @@ from alignkit.losses.policy import (
 from alignkit.ops.advantages import MovingAverage, equal_groups, gae, group_centred, group_normalised, leave_one_out
 from alignkit.ops.kl import KL_ESTIMATORS
 from alignkit.ops.stats import explained_variance, masked_mean, masked_var, masked_whiten
-from alignkit.rewards.base import CallableReward, WeightedSum, length_penalty
+from alignkit.rewards.base import CallableReward, WeightedSum, length_penalty, row_fields
 from alignkit.rewards.kl import AdaptiveKL, FixedKL, kl_shaped_rewards
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
@@ -188,6 +188,9 @@ def test_reward_sources():
     assert length_penalty(torch.tensor([1.0, 2.0]), torch.tensor([True, False]), -1.0).tolist() == [1.0, -1.0]
     assert length_penalty(torch.tensor([1.0, 2.0]), torch.tensor([True, False]), None).tolist() == [1.0, 2.0]
     assert length_penalty(torch.tensor([1.0, 2.0]), torch.tensor([1, 0]), -1.0).tolist() == [1.0, -1.0]  # a 0/1 mask
+    # every row's fields reach the reward (only the first row's keys were passed), None where a row lacks one
+    rows = [{"prompt": "a"}, {"messages": [], "reference": "good", "n": 2}]
+    assert row_fields(rows) == {"reference": [None, "good"], "n": [None, 2]}
 
 
 def test_explained_variance():

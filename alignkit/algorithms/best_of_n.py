@@ -34,8 +34,6 @@ from alignkit.rollout.generate import SamplingConfig, sampling_generator
 
 log = logging.getLogger(__name__)
 
-PROMPT_KEYS = ("prompt", "messages")
-
 
 def best_of_n_kl(n: int) -> float:
     """KL(best-of-n || base policy) = log n - (n - 1) / n, in nats (0 for n = 1)."""
@@ -62,9 +60,9 @@ def load_reward(spec: str):
 
 def score_rows(score: Callable, rows: Sequence[dict], completions: Sequence[str]) -> torch.Tensor:
     """Rewards (B,) of one completion per row; the rows' other fields are passed as keyword lists."""
-    from alignkit.rewards.base import checked_scores
+    from alignkit.rewards.base import checked_scores, row_fields
 
-    fields = {k: [r.get(k) for r in rows] for k in rows[0] if k not in PROMPT_KEYS}
+    fields = row_fields(rows)
     prompts = [prompt_of(r) for r in rows]
     return checked_scores(score(prompts, list(completions), **fields), prompts, completions)
 

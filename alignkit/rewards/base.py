@@ -54,6 +54,13 @@ class WeightedSum:
     __call__ = score
 
 
+def row_fields(rows: Sequence[dict]) -> dict[str, list]:
+    """The prompt rows' other fields as keyword lists for a reward source, None where a row lacks one: every
+    field that any row has (a field on a later row only is passed too)."""
+    keys = dict.fromkeys(k for r in rows for k in r if k not in ("prompt", "messages"))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
 def checked_scores(raw, prompts: Sequence, completions: Sequence[str], what: str = "the reward") -> torch.Tensor:
     """A reward source's output for `completions` as a float64 CPU tensor (B,). UserError unless it is B finite
     numbers: a NaN would turn advantages, losses, a best-of-N choice or a label into noise (and an RL update

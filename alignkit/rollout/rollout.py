@@ -141,7 +141,7 @@ def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: Sampl
     the sampler's. Under bf16 the sampler's cached decoding and the full forward differ by about 1e-2 in
     log-prob, which PPO's ratio would read as a policy change; in float32 they agree to about 1e-5.
     """
-    from alignkit.rewards.base import checked_scores, length_penalty
+    from alignkit.rewards.base import checked_scores, length_penalty, row_fields
 
     device = next(unwrap(policy).parameters()).device
     rows = [row for row in rows for _ in range(group_size)]
@@ -151,7 +151,7 @@ def collect_rollout(policy, tokenizer, rows: list[dict], reward, sampling: Sampl
     stops = stop_token_ids(unwrap(policy), tokenizer)  # the tokenizer's EOS and the model's end-of-turn ids
     gen = generate(policy, ids, mask, sampling, eos_token_id=stops or None, pad_token_id=pad_id, generator=generator)
     texts = tokenizer.batch_decode(gen.response_ids.masked_fill(~gen.response_mask, pad_id), skip_special_tokens=True)
-    extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "messages")}
+    extra = row_fields(rows)
     prompts = [prompt_of(r) for r in rows]
     scores = checked_scores(reward.score(prompts, texts, **extra), prompts, texts).float()
     scores = length_penalty(scores, _ended(gen, set(stops)), no_eos_penalty)
