@@ -49,8 +49,28 @@ def field_help(cls: type, name: str) -> str:
     return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    """A scalar `key=value` of the command line: its YAML value, and its text, which a string field takes as
+    typed (`output=0755` names the file 0755, not the octal number 493; `output_dir=no` is not false)."""
+
+    text: str
+    value: Any
+
+
+def _takes_text(tp: Any, value: Any) -> bool:
+    if tp is str:
+        return True
+    args = get_args(tp) if get_origin(tp) in (typing.Union, types.UnionType) else ()
+    return str in args and not (value is None and type(None) in args)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert a YAML value to the annotated type `tp`; `where` names the field in errors."""
+    if isinstance(value, _Override):
+        if _takes_text(tp, value.value):
+            return value.text
+        value = value.value
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any:
         return value
@@ -143,7 +163,7 @@ def _with_default(cls: type, name: str, value: Any) -> Any:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["train.lr=1e-4", "lora.r=8"]` -> nested dict with YAML-parsed values."""
+    """`["train.lr=1e-4", "lora.r=8"]` -> nested dict with YAML-parsed values (scalars as `_Override`s)."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -153,6 +173,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if not isinstance(value, (dict, list)):
+            value = _Override(raw, value)
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:

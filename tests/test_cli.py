@@ -45,6 +45,14 @@ def test_config_file_and_override(tmp_path):
     assert (cfg.train.batch_size, cfg.train.micro_batch_size, cfg.train.lr) == (16, 4, 0.01)
 
 
+def test_string_overrides_keep_their_text():
+    """YAML read `output_dir=0755` as the octal 493, 1.10 as 1.1 and `no` as false (an error for a string)."""
+    for text in ("0755", "1.10", "0x1F", "1_000", ".inf", "no", "true", "runs/x"):
+        assert load_config(SFTConfig, None, [f"output_dir={text}"]).output_dir == text
+    cfg = load_config(SFTConfig, None, ["data.eval=null", "train.lr=1e-4", "lora.target_modules=q_proj,v_proj"])
+    assert (cfg.data.eval, cfg.train.lr, cfg.lora.target_modules) == (None, 1e-4, ["q_proj", "v_proj"])
+
+
 def test_resumed_run_logs_changed_settings(tmp_path, caplog):
     path = tmp_path / "config.yaml"
     save_config(to_dict(load_config(SFTConfig, None, [])), path)
