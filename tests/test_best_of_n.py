@@ -6,24 +6,27 @@ import math
 import pytest
 import torch
 
-from alignkit.algorithms.best_of_n import BestOfNConfig, best_of_n_kl, pick_best, run_best_of_n, sample_and_score
+from alignkit.algorithms.best_of_n import (
+    BestOfNConfig, best_of_n_kl, pick_best, run_best_of_n, sample_and_score, score_rows,
+)
 from alignkit.algorithms.rejection_sampling import RejectionSamplingConfig, run_rejection_sampling, select_top
 from alignkit.engine.config import TrainConfig
 from alignkit.errors import UserError
 from alignkit.models.load import LoraConfig, ModelConfig
 from alignkit.models.tiny import tiny_llama, tiny_tokenizer
+from alignkit.rewards.base import CallableReward
 from alignkit.rollout.generate import SamplingConfig
 
 from conftest import write_jsonl
 
 
 def length_reward(prompts, completions, **fields):
-    """A reward source for the tests: the number of characters of the completion."""
+    """A batch reward function for the tests: the number of characters of the completion."""
     return torch.tensor([float(len(c)) for c in completions])
 
 
 def n_chars(text: str) -> float:
-    """The same as a `text -> float` function, the form `reward=package.module:function` names."""
+    """The same as a `text -> float` function (`reward=package.module:function` takes either form)."""
     return float(len(text))
 
 
@@ -55,10 +58,33 @@ def test_sample_and_score_returns_n_scored_completions():
         seen.update(fields)
         return length_reward(prompts, completions)
 
-    out = sample_and_score(tiny_llama(), tok, rows, reward, 3, SamplingConfig(max_new_tokens=6, seed=0), batch_size=4)
+    out = sample_and_score(tiny_llama(), tok, rows, CallableReward(reward), 3, SamplingConfig(max_new_tokens=6, seed=0),
+                           batch_size=4)
     assert [len(r["completions"]) for r in out] == [3, 3]
     assert out[0]["rewards"] == [float(len(c)) for c in out[0]["completions"]]
     assert seen["ref"] == [1, 1, 1, 2, 2, 2]  # the rows' other fields reach the reward source
+
+
+class LengthSource:
+    """A reward source with only `.score` (not callable)."""
+
+    def score(self, prompts, completions, **row_fields):
+        return torch.tensor([float(len(c)) for c in completions])
+
+
+length_source = LengthSource()
+
+
+def test_reward_specs_take_batch_functions_and_sources():
+    """best-of-n's documented f(prompts, completions, **row_fields) was called as f(text) (a TypeError), and a
+    source with only .score was called (not callable)."""
+    from alignkit.rewards.gold import TextFunctionJudge, load_judge
+
+    rows, texts = [{"prompt": "p"}, {"prompt": "q"}], ["ab", "abcd"]
+    for spec in ("test_best_of_n:length_reward", "test_best_of_n:length_source", "test_best_of_n:n_chars"):
+        assert score_rows(load_judge(spec), rows, texts).tolist() == [2.0, 4.0], spec
+    assert isinstance(load_judge("test_best_of_n:n_chars"), TextFunctionJudge)
+    assert isinstance(load_judge("test_best_of_n:length_reward"), CallableReward)
 
 
 def test_best_of_n_needs_sampling():
@@ -78,7 +104,7 @@ def test_a_nan_reward_is_an_error():
         return [float("nan")] * len(completions)
 
     with pytest.raises(UserError, match=r"the reward gave a non-finite score \(nan\) to 2 of 2 completions"):
-        sample_and_score(tiny_llama(), tiny_tokenizer(), [{"prompt": "review abc"}], nan_reward, 2,
+        sample_and_score(tiny_llama(), tiny_tokenizer(), [{"prompt": "review abc"}], CallableReward(nan_reward), 2,
                          SamplingConfig(max_new_tokens=4, seed=0))
 
 

@@ -20,7 +20,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -58,19 +58,19 @@ def load_reward(spec: str):
     return load_judge(spec)
 
 
-def score_rows(score: Callable, rows: Sequence[dict], completions: Sequence[str]) -> torch.Tensor:
-    """Rewards (B,) of one completion per row; the rows' other fields are passed as keyword lists."""
+def score_rows(source, rows: Sequence[dict], completions: Sequence[str]) -> torch.Tensor:
+    """Rewards (B,) of one completion per row by a reward source; the rows' other fields are passed as keyword lists."""
     from alignkit.rewards.base import checked_scores, row_fields
 
     fields = row_fields(rows)
     prompts = [prompt_of(r) for r in rows]
-    return checked_scores(score(prompts, list(completions), **fields), prompts, completions)
+    return checked_scores(source.score(prompts, list(completions), **fields), prompts, completions)
 
 
-def sample_and_score(model, tokenizer, rows: Sequence[dict], score: Callable, n: int, sampling: SamplingConfig,
+def sample_and_score(model, tokenizer, rows: Sequence[dict], source, n: int, sampling: SamplingConfig,
                      batch_size: int = 16, chat_template: bool = True, generator: torch.Generator | None = None,
                      ) -> list[dict]:
-    """Each row with `completions` (n samples) and their `rewards` (n floats).
+    """Each row with `completions` (n samples) and their `rewards` (n floats) by the reward `source`.
 
     Prompts are repeated n times and generated in batches of `batch_size` sequences.
     """
@@ -80,7 +80,7 @@ def sample_and_score(model, tokenizer, rows: Sequence[dict], score: Callable, n:
         chunk = repeated[i : i + batch_size]
         seqs = sample_sequences(model, tokenizer, [prompt_of(r) for r in chunk], sampling, chat_template, generator)
         texts += decode(tokenizer, seqs)
-    rewards = score_rows(score, repeated, texts).view(len(rows), n)  # (R, n)
+    rewards = score_rows(source, repeated, texts).view(len(rows), n)  # (R, n)
     return [{**row, "completions": texts[j * n : (j + 1) * n], "rewards": rewards[j].tolist()}
             for j, row in enumerate(rows)]
 

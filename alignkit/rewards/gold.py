@@ -1,14 +1,15 @@
 """Gold judges: reward sources that stand in for people (simulated labelers) and measure true quality.
 
 Every reward source is called as `score(prompts, completions, **row_fields) -> (B,) tensor`. A gold
-judge here is either the VADER sentiment judge or any Python function of the completion text,
-wrapped by `TextFunctionJudge`; `load_judge("vader")` or `load_judge("package.module:function")`
-gives one by name (the CLI's `judge=` setting).
+judge here is either the VADER sentiment judge or any Python function: of the completion text
+(`TextFunctionJudge`), or of the batch, `f(prompts, completions, **row_fields)`; `load_judge("vader")` or
+`load_judge("package.module:function")` gives one by name (the CLI's `judge=` setting).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -55,17 +56,29 @@ class VaderJudge(TextFunctionJudge):
 GOLD_JUDGES: dict[str, Callable[[], object]] = {"vader": VaderJudge}
 
 
+def _required_positional(fn) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: taken as a function of the text
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
+
+
 def as_judge(obj, name: str | None = None):
-    """A reward source as is (it has `.score`), or a plain `text -> float` function wrapped."""
+    """A reward source as is (it has `.score`); a batch function `f(prompts, completions, **row_fields) -> B
+    numbers` (two required arguments) as a `CallableReward`; a function `text -> float` as a `TextFunctionJudge`."""
+    from alignkit.rewards.base import CallableReward
+
     if hasattr(obj, "score"):
         return obj
     if callable(obj):
-        return TextFunctionJudge(obj, name)
-    raise UserError(f"{name or obj!r} is neither a reward source (with .score) nor a function of the text")
+        return CallableReward(obj, name) if _required_positional(obj) >= 2 else TextFunctionJudge(obj, name)
+    raise UserError(f"{name or obj!r} is neither a reward source (with .score) nor a function")
 
 
 def load_judge(spec: str):
-    """'vader', or 'package.module:attribute' naming a text -> float function or a reward source."""
+    """'vader', or 'package.module:attribute' naming a reward source, a batch function or a text function (`as_judge`)."""
     if spec in GOLD_JUDGES:
         return GOLD_JUDGES[spec]()
     if ":" not in spec:
