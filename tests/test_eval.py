@@ -272,3 +272,17 @@ def test_metrics_of_lists_of_different_lengths_are_an_error():
             fn([], [])
     with pytest.raises(ValueError, match="one baseline per score"):
         win_rate(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0]))
+
+
+def test_eval_checks_the_references_before_sampling(tmp_path, capsys, tiny_llama_dir):
+    """A number as reference was a TypeError after all the sampling; ["x", 3] an AttributeError."""
+    from alignkit.cli import main
+
+    for bad, message in ((5, "field 'reference' must be a string or a non-empty list of strings, got int"),
+                         (["x", 3], "field 'reference[1]' must be a string, got int"),
+                         ([], "field 'reference' must be a string or a non-empty list of strings, got list")):
+        path = tmp_path / "p.jsonl"
+        path.write_text(json.dumps({"prompt": "a", "reference": "x"}) + "\n" + json.dumps({"prompt": "b", "reference": bad}))
+        assert main(["eval", f"policy={tiny_llama_dir}", f"prompts={path}", f"output={tmp_path / 'e.json'}"]) == 2
+        assert f"{path}:2: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()

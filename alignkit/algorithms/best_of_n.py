@@ -116,13 +116,14 @@ class BestOfNConfig:
             raise UserError("best-of-N needs sampling.do_sample=true (its analytic KL assumes N independent samples)")
 
 
-def prompt_rows(path: str, max_prompts: int | None, demo: str = "prompts_eval") -> list[dict]:
-    """The first `max_prompts` rows of a prompt file; 'demo' = the embedded review prompts file `demo`."""
+def prompt_rows(path: str, max_prompts: int | None, demo: str = "prompts_eval", schema=PROMPT_SCHEMA) -> list[dict]:
+    """The first `max_prompts` rows of a prompt file (checked against `schema`); 'demo' = the embedded review
+    prompts file `demo`."""
     if path == "demo":
         from alignkit.tasks.demo_data import build_demo_data
 
         path = str(build_demo_data()[demo])
-    return read_rows(path, PROMPT_SCHEMA)[:max_prompts]
+    return read_rows(path, schema)[:max_prompts]
 
 
 def run_best_of_n(cfg: BestOfNConfig) -> str:

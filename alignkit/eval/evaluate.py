@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from alignkit.config import option, to_dict
-from alignkit.data.jsonl import write_json
+from alignkit.data.jsonl import PROMPT_SCHEMA, Field, write_json
 from alignkit.errors import UserError
 from alignkit.rewards.base import RewardConfig
 from alignkit.rollout.generate import SamplingConfig
@@ -127,7 +127,8 @@ def run_eval(cfg: EvalConfig) -> str:
 
     check_not_input(cfg.output_path(), cfg.prompts)
     tokenizer = load_tokenizer(cfg.policy)  # a wrong path fails before any other work
-    rows = prompt_rows(cfg.prompts, cfg.max_prompts)
+    schema = dataclasses.replace(PROMPT_SCHEMA, optional={cfg.references_field: Field("references")})
+    rows = prompt_rows(cfg.prompts, cfg.max_prompts, schema=schema)  # a bad reference fails before the sampling
     rewards = {name: as_reward(c) for name, c in (("gold", cfg.gold), ("proxy", cfg.proxy)) if c.sources}
     judge = as_reward(cfg.judge) if cfg.judge else None
     policy = _load(cfg.policy, cfg.dtype)
