@@ -145,3 +145,10 @@ def test_report_errors(tmp_path, capsys):
     (bad_eval / "eval" / "final.json").write_text(json.dumps({**_eval(None, "abc", 0.5, 0.1, "x")}))
     assert main(["report", str(bad_eval)]) == 2  # was a TypeError in the plots
     assert "final.json: metrics.kl must be a number or null, got 'abc'" in capsys.readouterr().err
+    good = _eval(None, 0.1, 0.5, 0.1, "x")
+    for change, message in (({"samples": [{"completion": "x"}]}, "item 0 is {'completion': 'x'}"),  # a KeyError
+                            ({"samples": "abc"}, "and a completion (a string); got 'abc'"),  # an AttributeError
+                            ({"step": "5"}, "'step' must be an integer >= 0 or null, got '5'")):  # sort TypeError
+        (bad_eval / "eval" / "final.json").write_text(json.dumps({**good, **change}))
+        assert main(["report", str(bad_eval)]) == 2
+        assert message in capsys.readouterr().err

@@ -117,6 +117,7 @@ PLOTTED = ("kl", "reward/gold", "reward/proxy", "text/distinct-2", "perplexity",
 
 
 def _check_eval(data: dict, path: Path) -> None:
+    """What the report reads of an eval JSON: numbers (or null) for the plotted metrics, a step, the samples."""
     metrics = data.get("metrics")
     if not isinstance(metrics, dict):
         raise UserError(f"{path}: 'metrics' must be an object of numbers")
@@ -124,6 +125,16 @@ def _check_eval(data: dict, path: Path) -> None:
         value = metrics.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise UserError(f"{path}: metrics.{key} must be a number or null, got {value!r:.40}")
+    step = data.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise UserError(f"{path}: 'step' must be an integer >= 0 or null, got {step!r:.40}")
+    samples = data.get("samples", [])
+    what = f"{path}: 'samples' must be a list of objects with a prompt and a completion (a string)"
+    if not isinstance(samples, list):
+        raise UserError(f"{what}; got {samples!r:.60}")
+    for i, sample in enumerate(samples):
+        if not (isinstance(sample, dict) and "prompt" in sample and isinstance(sample.get("completion"), str)):
+            raise UserError(f"{what}; item {i} is {sample!r:.60}")
 
 
 def _point(run: Run, e: dict) -> dict:
