@@ -120,6 +120,38 @@ def test_best_of_n_stage(tmp_path, tiny_llama_dir):
     assert summary[1]["gold"] == pytest.approx(summary[1]["reward"])
 
 
+def test_a_failing_gold_judge_leaves_no_partial_output(tmp_path, tiny_llama_dir, monkeypatch):
+    """The best-of-1 file was written before the gold judge failed on best-of-2, and the error blamed the reward."""
+    calls = []
+
+    def gold(text):
+        calls.append(text)
+        return float("nan") if len(calls) > 3 else 1.0  # fine for best-of-1's three rows, NaN after
+
+    monkeypatch.setattr("test_best_of_n.flaky_gold", gold, raising=False)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {w}"} for w in ("abc", "def", "ghi")])
+    cfg = BestOfNConfig(model=ModelConfig(tiny_llama_dir), prompts=str(prompts), reward="test_best_of_n:n_chars",
+                        gold="test_best_of_n:flaky_gold", n=[1, 2], sampling=SamplingConfig(max_new_tokens=4, seed=0),
+                        output_dir=str(tmp_path / "bon"))
+    with pytest.raises(UserError, match="the gold judge gave a non-finite score"):
+        run_best_of_n(cfg)
+    assert not (tmp_path / "bon").exists()
+
+
+def test_rejection_sampling_starts_over_after_a_failed_first_round(tmp_path, tiny_llama_dir, monkeypatch):
+    """Its config.yaml blocked the retry ("not empty, and rejection sampling does not resume")."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {i}"} for i in range(4)])
+    monkeypatch.setattr("test_best_of_n.nan_chars", lambda text: float("nan"), raising=False)
+    kw = dict(model=ModelConfig(tiny_llama_dir), prompts=str(prompts), n=2, keep=1, max_length=64,
+              sampling=SamplingConfig(max_new_tokens=4, seed=0), output_dir=str(tmp_path / "rs"),
+              train=TrainConfig(batch_size=4, micro_batch_size=4, max_steps=1, report_to=[]))
+    with pytest.raises(UserError, match="non-finite score"):
+        run_rejection_sampling(RejectionSamplingConfig(reward="test_best_of_n:nan_chars", **kw))
+    assert (run_rejection_sampling(RejectionSamplingConfig(reward="test_best_of_n:n_chars", **kw)) / "config.json").is_file()
+    with pytest.raises(UserError, match="does not resume"):  # a finished run is kept
+        run_rejection_sampling(RejectionSamplingConfig(reward="test_best_of_n:n_chars", **kw))
+
+
 def test_rejection_sampling_two_rounds(tmp_path, tiny_llama_dir):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {i}"} for i in range(8)])
     cfg = RejectionSamplingConfig(

@@ -58,13 +58,14 @@ def load_reward(spec: str):
     return load_judge(spec)
 
 
-def score_rows(source, rows: Sequence[dict], completions: Sequence[str]) -> torch.Tensor:
-    """Rewards (B,) of one completion per row by a reward source; the rows' other fields are passed as keyword lists."""
+def score_rows(source, rows: Sequence[dict], completions: Sequence[str], what: str = "the reward") -> torch.Tensor:
+    """Rewards (B,) of one completion per row by a reward source; the rows' other fields are passed as keyword lists.
+    `what` names the source in the error on a non-finite score."""
     from alignkit.rewards.base import checked_scores, row_fields
 
     fields = row_fields(rows)
     prompts = [prompt_of(r) for r in rows]
-    return checked_scores(source.score(prompts, list(completions), **fields), prompts, completions)
+    return checked_scores(source.score(prompts, list(completions), **fields), prompts, completions, what)
 
 
 def sample_and_score(model, tokenizer, rows: Sequence[dict], source, n: int, sampling: SamplingConfig,
@@ -136,18 +137,19 @@ def run_best_of_n(cfg: BestOfNConfig) -> str:
     generator = sampling_generator(cfg.sampling, next(model.parameters()).device)  # null seed: torch's global one
     sampled = sample_and_score(model, tokenizer, rows, score, max(cfg.n), cfg.sampling, cfg.batch_size,
                                cfg.chat_template, generator)
-    out = Path(cfg.output_dir)
-    summary = []
+    picks, summary = {}, []
     for n in sorted(set(cfg.n)):
-        best = pick_best(sampled, n)
+        picks[n] = best = pick_best(sampled, n)
         line = {"n": n, "kl_analytic": best_of_n_kl(n), "reward": sum(b["reward"] for b in best) / len(best)}
         if gold is not None:
-            gold_rewards = score_rows(gold, best, [b["completion"] for b in best])
+            gold_rewards = score_rows(gold, best, [b["completion"] for b in best], "the gold judge")
             for b, g in zip(best, gold_rewards.tolist()):
                 b["gold"] = g
             line["gold"] = float(gold_rewards.mean())
-        write_jsonl(out / f"best_n{n}.jsonl", best)
         summary.append(line)
         log.info("best-of-%d: analytic KL %.3f nats, reward %.3f%s", n, line["kl_analytic"], line["reward"],
                  f", gold {line['gold']:.3f}" if "gold" in line else "")
+    out = Path(cfg.output_dir)  # written once every N is scored: a failing judge leaves no partial output
+    for n, best in picks.items():
+        write_jsonl(out / f"best_n{n}.jsonl", best)
     return str(write_json(out / "summary.json", summary))

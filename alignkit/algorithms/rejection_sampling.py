@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,11 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> Path:
     """R rounds of sample / keep the best / fine-tune; returns `output_dir/model`."""
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()):
-        raise UserError(f"output_dir {out} is not empty, and rejection sampling does not resume: pick another")
+        # a run that failed before finishing a round (its config.yaml only, and a part of round1/) starts over
+        if any((out / p).exists() for p in ("rounds.jsonl", "model")) or not (out / "config.yaml").is_file():
+            raise UserError(f"output_dir {out} is not empty, and rejection sampling does not resume: pick another")
+        for stale in out.glob("round*"):
+            shutil.rmtree(stale)
     tokenizer = load_tokenizer(cfg.model.path)
     prompts = prompt_rows(cfg.prompts, cfg.max_prompts, demo="prompts_train")
     if len(prompts) * cfg.keep < cfg.train.batch_size:  # say so before sampling, not at the first fine-tuning

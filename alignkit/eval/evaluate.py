@@ -277,14 +277,14 @@ def _reward_metrics(sources: dict, rows: list[dict], samples: list[dict], metric
     has_ref = bool(samples) and "reference_completion" in samples[0]
     scores, ref_scores = {}, {}
     for name, source in sources.items():
-        scores[name] = score_rows(source, rows, [s["completion"] for s in samples])
+        scores[name] = score_rows(source, rows, [s["completion"] for s in samples], f"the {name} reward")
         stats = describe(scores[name])
         metrics.update({f"reward/{name}": stats["mean"], f"reward/{name}_std": stats["std"],
                         f"reward/{name}_stderr": stats["stderr"]})
         for sample, value in zip(samples, scores[name].tolist()):
             sample[name] = value
         if has_ref:
-            ref_scores[name] = score_rows(source, rows, [s["reference_completion"] for s in samples])
+            ref_scores[name] = score_rows(source, rows, [s["reference_completion"] for s in samples], f"the {name} reward")
             metrics[f"reference/reward/{name}"] = float(ref_scores[name].mean())
             metrics[f"win_rate/{name}"] = win_rate(scores[name], ref_scores[name])
             for sample, value in zip(samples, ref_scores[name].tolist()):
