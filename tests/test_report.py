@@ -8,7 +8,7 @@ import pytest
 
 from alignkit.cli import main
 from alignkit.eval.plots import gold_peaks
-from alignkit.eval.report import load_run, mixed_gold, points, rollout_points, summary_table, write_report
+from alignkit.eval.report import as_runs, load_run, mixed_gold, points, rollout_points, summary_table, write_report
 
 
 def _eval(step, kl, gold, proxy, method, completion="after"):
@@ -110,6 +110,23 @@ def test_summary_table_and_cli(run_dirs, tmp_path, capsys):
         assert main(["report", *argv, "samples=2", "--print-config"]) == 0
         configs.append(capsys.readouterr().out)
     assert configs[0] == configs[1] and f"runs: [{run_dirs[0]}, {run_dirs[1]}]" in configs[0]
+
+
+def test_runs_that_share_a_directory_name_stay_apart(run_dirs, tmp_path):
+    """a/ppo and b/ppo were one 'ppo' in the table, one line in the plots and one row of the gold peaks."""
+    import shutil
+
+    other = tmp_path / "b" / "ppo"
+    shutil.copytree(run_dirs[0], other)
+    (other / "eval" / "final.json").write_text(json.dumps(_eval(None, 3.0, 0.9, 1.0, "ppo")))
+    runs = as_runs([run_dirs[0], other])
+    assert [r.name for r in runs] == [f"{tmp_path.name}/ppo", "b/ppo"]
+    assert [r.method for r in runs] == [f"ppo ({tmp_path.name}/ppo)", "ppo (b/ppo)"]
+    peaks = gold_peaks(points(runs))
+    assert peaks["ppo (b/ppo)"]["gold"] == 0.9 and peaks[f"ppo ({tmp_path.name}/ppo)"]["gold"] == 0.6
+    assert [r.method for r in as_runs(run_dirs)] == ["ppo", "dpo"]  # distinct names stay short
+    rows = [line.split()[:4] for line in summary_table(runs).splitlines()[2:]]
+    assert ["ppo", "(b/ppo)", "final", "0.9"] in rows
 
 
 def test_gold_from_different_judges_is_flagged(run_dirs, tmp_path):

@@ -60,10 +60,29 @@ class Run:
     evals: list[dict] = field(default_factory=list)  # sorted by step, final last
     rm_eval: dict | None = None
     best_of_n: list[dict] | None = None
+    name: str = ""  # the directory's name, or more of its path where two runs of a report share one (`as_runs`)
+
+    def __post_init__(self):
+        self.name = self.name or self.path.name
 
     @property
     def method(self) -> str:
-        return next((e["method"] for e in reversed(self.evals) if e.get("method")), self.path.name)
+        method = next((e["method"] for e in reversed(self.evals) if e.get("method")), self.path.name)
+        return method if self.name == self.path.name else f"{method} ({self.name})"
+
+
+def as_runs(items) -> list[Run]:
+    """Runs from Runs or run directories; runs whose directories share a name (a/ppo, b/ppo) are named by as much
+    of their paths as tells them apart, so that the tables and plots keep them apart."""
+    runs = [r if isinstance(r, Run) else load_run(r) for r in items]
+    for run in runs:
+        parts = run.path.resolve().parts
+        others = [o.path.resolve().parts for o in runs if o is not run and o.path.name == run.path.name]
+        k = 1
+        while others and any(o[-k:] == parts[-k:] for o in others) and k < len(parts):
+            k += 1
+        run.name = "/".join(parts[-k:]) if others else run.path.name
+    return runs
 
 
 def _read_json(path: Path):
@@ -140,7 +159,7 @@ def _check_eval(data: dict, path: Path) -> None:
 def _point(run: Run, e: dict) -> dict:
     m = e.get("metrics", {})
     label = "final" if e.get("step") is None else f"step {e['step']}"
-    return {"method": run.method, "run": run.path.name, "label": label,
+    return {"method": run.method, "run": run.name, "label": label,
             "kl": m.get("kl"), "gold": m.get("reward/gold"), "proxy": m.get("reward/proxy"),
             "distinct2": m.get("text/distinct-2"), "perplexity": m.get("perplexity"),
             "win_proxy": m.get("win_rate/proxy"), "win_judge": m.get("win_rate/judge")}
@@ -154,7 +173,7 @@ def rollout_points(run: Run, window: int = ROLLOUT_WINDOW) -> list[dict]:
     for i, r in enumerate(rows):
         recent = rows[max(0, i - window + 1) : i + 1]
         mean = {k: sum(x[k] for x in recent) / len(recent) for k in ("kl", "score_mean", "gold_mean")}
-        out.append({"method": run.method, "run": run.path.name, "label": f"step {r.get('step', i + 1)}",
+        out.append({"method": run.method, "run": run.name, "label": f"step {r.get('step', i + 1)}",
                     "kl": mean["kl"], "gold": mean["gold_mean"], "proxy": mean["score_mean"]})
     return out
 
@@ -170,13 +189,13 @@ def points(runs: list[Run]) -> list[dict]:
         if with_ref and key not in seen:
             seen.add(key)
             m = with_ref[0]["metrics"]
-            out.append({"method": run.method, "run": run.path.name, "label": "reference", "kl": 0.0,
+            out.append({"method": run.method, "run": run.name, "label": "reference", "kl": 0.0,
                         "gold": m["reference/reward/gold"], "proxy": m.get("reference/reward/proxy"),
                         "distinct2": m.get("reference/text/distinct-2"), "perplexity": None,
                         "win_proxy": None, "win_judge": None})
         out += [_point(run, e) for e in run.evals]
         for line in run.best_of_n or []:
-            out.append({"method": f"best-of-N ({run.path.name})", "run": run.path.name, "label": f"N={line['n']}",
+            out.append({"method": f"best-of-N ({run.name})", "run": run.name, "label": f"N={line['n']}",
                         "kl": line["kl_analytic"], "gold": line.get("gold"), "proxy": line.get("reward"),
                         "distinct2": None, "perplexity": None, "win_proxy": None, "win_judge": None})
     return out
@@ -192,7 +211,7 @@ def mixed_gold(runs: list[Run]) -> str | None:
             gold = {k: v for k, v in ((e.get("config") or {}).get("gold") or {}).items() if v is not None}
             if gold.get("judge") or gold.get("model") or gold.get("function"):
                 name = ", ".join(f"{k}={v}" for k, v in sorted(gold.items()))
-                judges.setdefault(name, []).append(run.path.name)
+                judges.setdefault(name, []).append(run.name)
     if len(judges) < 2:
         return None
     return ("the gold rewards come from different judges, so they do not compare across runs: " + "; ".join(
@@ -219,7 +238,7 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 
 def summary_table(runs) -> str:
     """The report's table as fixed-width text for the terminal; `runs` are Runs or run directories."""
-    runs = [r if isinstance(r, Run) else load_run(r) for r in runs]
+    runs = as_runs(runs)
     header, body = table_rows(runs)
     rows = [header] + body
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -266,7 +285,7 @@ def _samples_html(run: Run, k: int) -> str:
         rows.append([_prompt_text(s["prompt"]), f"{before}\n[gold {gold_before}]",
                      f"{s['completion']}\n[gold {gold_after}]"])
     note = "before = the reference policy, after = the evaluated policy, on the same prompts"
-    return (f"<h3>{html.escape(run.path.name)} ({html.escape(_point(run, final)['label'])})</h3>"
+    return (f"<h3>{html.escape(run.name)} ({html.escape(_point(run, final)['label'])})</h3>"
             f"<p class=note>{note}</p>" + _table(["prompt", "before", "after"], rows).replace("\n", "<br>"))
 
 
@@ -286,10 +305,10 @@ def _sections(runs: list[Run], samples: int) -> list[str]:
         log.warning("%s", mixed)
     out = ["<h2>Summary</h2>", *([f"<p><b>Warning:</b> {html.escape(mixed)}</p>"] if mixed else []),
            _table(*table_rows(runs), numeric_from=2)]
-    curves = [(run, training_curves(run.path.name, run.curves)) for run in runs if run.curves]
+    curves = [(run, training_curves(run.name, run.curves)) for run in runs if run.curves]
     if curves:
         out.append("<h2>Training curves</h2>")
-        out += [_img(fig, f"training curves of {run.path.name}") for run, fig in curves if fig is not None]
+        out += [_img(fig, f"training curves of {run.name}") for run, fig in curves if fig is not None]
     if any(p["kl"] is not None and p["gold"] is not None for p in pts):
         out += ["<h2>Reward-KL frontier</h2>", "<p class=note>gold reward of each evaluated policy against its "
                 "sample-based KL to the reference (nats per completion); KL 0 = the reference policy</p>",
@@ -306,9 +325,9 @@ def _sections(runs: list[Run], samples: int) -> list[str]:
                 "dotted line marks where gold reward peaks</p>",
                 _img(overoptimisation(trajectories, by_kl=False, title="over-optimisation during training"),
                      "over-optimisation during training"), _peaks_table(trajectories)]
-    calibration = [(f"{r.path.name}: proxy RM vs gold", e["calibration"]["proxy"]["reliability"])
+    calibration = [(f"{r.name}: proxy RM vs gold", e["calibration"]["proxy"]["reliability"])
                    for r in runs for e in r.evals[-1:] if e.get("calibration", {}).get("proxy")]
-    calibration += [(f"{r.path.name}: reward model, held-out pairs", r.rm_eval["reliability"])
+    calibration += [(f"{r.name}: reward model, held-out pairs", r.rm_eval["reliability"])
                     for r in runs if r.rm_eval]
     if calibration:
         out.append("<h2>Calibration</h2>")
@@ -322,7 +341,7 @@ def _sections(runs: list[Run], samples: int) -> list[str]:
 def write_report(run_dirs, out_path: str | Path = "report.html", samples: int = 4,
                  title: str = "alignkit report") -> Path:
     """Write the HTML report of `run_dirs` (paths or Runs) to `out_path`; returns the path."""
-    runs = [r if isinstance(r, Run) else load_run(r) for r in run_dirs]
+    runs = as_runs(run_dirs)
     listing = "".join(f"<li><code>{html.escape(str(r.path))}</code>: {len(r.curves)} logged steps, "
                       f"{len(r.evals)} evaluations</li>" for r in runs)
     body = "\n".join([f"<h1>{html.escape(title)}</h1>", f"<ul>{listing}</ul>", *_sections(runs, samples)])
@@ -336,7 +355,7 @@ def write_report(run_dirs, out_path: str | Path = "report.html", samples: int = 
 def run_report(cfg: ReportConfig) -> str:
     if not cfg.runs:
         raise UserError("name at least one run directory: alignkit report RUN_DIR [RUN_DIR ...]")
-    runs = [load_run(r) for r in cfg.runs]
+    runs = as_runs(cfg.runs)
     out = write_report(runs, cfg.output, cfg.samples, cfg.title)
     print(summary_table(runs))
     return str(out)
