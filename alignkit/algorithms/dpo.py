@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,9 +105,9 @@ class DPOConfig:
             raise UserError(f"reference: {self.reference!r} is not one of 'cached', 'live'")
         if not 0 <= self.epsilon < 0.5:
             raise UserError(f"epsilon must be in [0, 0.5) (a flip probability), got {self.epsilon}")
-        for name in ("beta", "tau"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name, brackets in (("beta", "()"), ("tau", "()"), ("gamma", "[)"), ("orpo_lambda", "[)"),
+                               ("lambda_d", "()"), ("lambda_u", "()")):
+            check_interval(name, getattr(self, name), 0, math.inf, brackets)  # NaN and inf too: a NaN loss at step 1
 
     @property
     def spec(self) -> PreferenceLoss:
