@@ -289,3 +289,14 @@ def test_sampling_stages_refuse_to_overwrite_their_prompts(tmp_path, capsys):
     for stage in (["generate"], ["rollout"], ["eval", "policy=nowhere"]):  # refused before any model is read
         assert cli.main([*stage, f"prompts={prompts}", f"output={prompts}"]) == 2
         assert "is the input file" in capsys.readouterr().err and prompts.read_text() == before
+
+
+def test_generate_reads_a_null_messages_field_as_absent(tiny_llama_dir, tmp_path):
+    """The schema took "messages": null as absent, generate then sampled from prompt None (an error without file:line)."""
+    from alignkit import cli
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "review ab", "messages": None}])
+    out = tmp_path / "g.jsonl"
+    assert cli.main(["generate", f"model.path={tiny_llama_dir}", f"prompts={prompts}", f"output={out}",
+                     "sampling.max_new_tokens=2"]) == 0
+    assert json.loads(out.read_text())["prompt"] == "review ab"

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from alignkit.config import option
+from alignkit.data.preferences import prompt_of
 from alignkit.models.load import ModelConfig, load_causal_lm, load_tokenizer
 from alignkit.rollout.generate import SamplingConfig, generate_text, sampling_generator
 
@@ -26,10 +27,6 @@ class GenerateConfig:
     max_prompts: int | None = option(None, "Use only the first N prompts", low=1)
     chat_template: bool = option(True, "Wrap prompts in the tokenizer's chat template")
     show: int = option(3, "Print this many samples at the end")
-
-
-def prompt_of(row: dict):
-    return row["messages"] if "messages" in row else row["prompt"]
 
 
 def sample_rows(model, tokenizer, rows: list[dict], sampling: SamplingConfig, batch_size: int, chat: bool,
