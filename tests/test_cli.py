@@ -80,6 +80,7 @@ def test_resumed_run_logs_changed_settings(tmp_path, caplog):
         ("train.log_every=0", "train.log_every must be in [1, inf), got 0"),
         ("data.max_rows=-1", "data.max_rows must be in [1, inf), got -1"),  # dropped the last row
         ("data.max_rows=null", None),  # null stays allowed
+        ("data.max_length=1", "data.max_length must be in [2, inf), got 1"),  # said "max_length" at the first row
         ("lora.dropout=2", "lora.dropout must be in [0, 1), got 2.0"),  # was reported as lora.target_modules
         ("lora.alpha=0", "lora.alpha must be in (0, inf), got 0.0"),
     ],

@@ -270,7 +270,8 @@ def test_cli_entries(monkeypatch, capsys, tmp_path, pair_files, tiny_llama_dir):
     assert "is not one of dpo, cdpo" in capsys.readouterr().err
     for bad, message in (("beta=nan", "beta must be in (0, inf), got nan"), ("tau=inf", "tau must be in (0, inf)"),
                          ("gamma=nan", "gamma must be in [0, inf)"), ("orpo_lambda=-1", "orpo_lambda must be in [0"),
-                         ("lambda_d=-1", "lambda_d must be in (0, inf)"), ("lambda_u=nan", "lambda_u must be in")):
+                         ("lambda_d=-1", "lambda_d must be in (0, inf)"), ("lambda_u=nan", "lambda_u must be in"),
+                         ("data.max_length=1", "data.max_length must be in [2, inf), got 1")):
         assert cli.main(["dpo", bad]) == 2  # beta=nan failed at step 1 as a "non-finite loss ... lower train.lr"
         assert message in capsys.readouterr().err
     assert cli.main(["dpo", "loss=nope"]) == 2

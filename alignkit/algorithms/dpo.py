@@ -59,7 +59,7 @@ class DPODataConfig:
                                 "review pairs")
     eval: str | None = option("demo", "Held-out rows in the same format; 'demo' = held-out review pairs; "
                                       "null = no evaluation")
-    max_length: int = option(512, "Longest prompt + completion in tokens; longer ones are cut from the right")
+    max_length: int = option(512, "Longest prompt + completion in tokens; longer ones are cut from the right", low=2)
     chat_template: bool = option(True, "Wrap rows in the tokenizer's chat template (prompt = user turn)")
     max_rows: int | None = option(None, "Use only the first N training rows (quick runs)", low=1)
 

@@ -42,7 +42,7 @@ class RejectionSamplingConfig:
     sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=64, seed=0), "Decoding settings")
     batch_size: int = option(16, "Sequences per generation batch", low=1)
     max_prompts: int | None = option(64, "Use only the first N prompts", low=1)
-    max_length: int = option(256, "Longest tokenised prompt + completion for fine-tuning")
+    max_length: int = option(256, "Longest tokenised prompt + completion for fine-tuning", low=2)
     chat_template: bool = option(True, "Wrap prompts in the tokenizer's chat template")
     train: TrainConfig = option(TrainConfig(), "Fine-tuning settings of each round (max_steps / epochs per round)")
     output_dir: str = option("runs/rejection_sampling", "Run directory: rounds.jsonl, round{r}/, model/")

@@ -54,7 +54,7 @@ class RMDataConfig:
     kwise: bool = option(False, "One batch element per prompt with all its comparisons (InstructGPT K-wise); "
                          "false = one per pair (rankings are split into their C(K,2) pairs)")
     max_length: int = option(512, "Longest tokenised prompt + completion; longer texts lose the start of the prompt "
-                             "(their first token and their end are kept)")
+                             "(their first token and their end are kept)", low=2)
     chat_template: bool = option(True, "Render prompt + completion with the tokenizer's chat template when it has one; "
                                  "otherwise the tokenizer's text-pair encoding")
     max_rows: int | None = option(None, "Use only the first N training elements (pairs, or prompts with kwise)", low=1)

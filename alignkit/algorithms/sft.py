@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class SFTDataConfig:
     train: str = option("demo", "Training JSONL ({prompt, completion} or {messages} rows); 'demo' = embedded reviews")
     eval: str | None = option("demo", "Held-out JSONL in the same format; null = no evaluation")
-    max_length: int = option(256, "Longest tokenised example; longer ones are cut from the right")
+    max_length: int = option(256, "Longest tokenised example; longer ones are cut from the right", low=2)
     chat_template: bool = option(True, "Wrap rows in the tokenizer's chat template (prompt = user turn)")
     packing: bool = option(False, "Concatenate examples into blocks of max_length (fewer pad tokens)")
     max_rows: int | None = option(None, "Use only the first N training rows (quick runs)", low=1)
