@@ -223,6 +223,8 @@ def test_kto_rows_pair_each_prompt_with_another_completion(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [*unpaired, {"prompt": "p", "completion": "c", "label": "yes"}])
     with pytest.raises(UserError, match=r"bad.jsonl:5: field 'label'"):
         load_unpaired(str(bad), tok, 64)
+    with pytest.raises(UserError, match=r"u.jsonl:1: neither a pair .* an unpaired KTO row .* needs loss=kto"):
+        load_pairs(str(tmp_path / "u.jsonl"), tok, 64)  # what the paired losses read
 
 
 def test_soft_labels_only_for_losses_that_take_them(tmp_path, tiny_llama_dir):

@@ -95,7 +95,8 @@ def _pieces(row: dict, enc: _Encoder, where: str, tokenizer) -> list:
         raise UserError(
             f"{where}: a messages row needs a chat template, but "
             + ("data.chat_template is false" if has_chat_template(tokenizer) else "this tokenizer has none")
-            + "; set data.chat_template=true with a chat model, or write {prompt, completion} rows"
+            + "; set data.chat_template=true with a chat model, or write plain-text rows ({prompt, completion}; "
+            "preference pairs: {prompt, chosen, rejected})"
         )
     return [(list(enc.bos_ids), False), (row["prompt"], False), (row["completion"], True)]
 
