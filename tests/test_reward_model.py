@@ -300,3 +300,13 @@ def test_generate_reads_a_null_messages_field_as_absent(tiny_llama_dir, tmp_path
     assert cli.main(["generate", f"model.path={tiny_llama_dir}", f"prompts={prompts}", f"output={out}",
                      "sampling.max_new_tokens=2"]) == 0
     assert json.loads(out.read_text())["prompt"] == "review ab"
+
+
+def test_a_causal_lm_is_not_taken_for_a_reward_model(tiny_llama_dir, capsys):
+    """It printed transformers' weight-loading table, then said the model 'has 2 outputs'."""
+    from alignkit.errors import UserError
+    from alignkit.rewards.reward_model import RewardModel
+
+    with pytest.raises(UserError, match="is not a reward model: it has 2 outputs"):
+        RewardModel(tiny_llama_dir)
+    assert "LOAD REPORT" not in capsys.readouterr().err

@@ -30,7 +30,7 @@ class RewardModel:
     """Reward source `score(prompts, completions, **row_fields) -> (B,)` backed by a reward-model directory."""
 
     def __init__(self, path: str | Path, normalize: bool = True, batch_size: int = 16, device: str | None = None):
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoConfig, AutoModelForSequenceClassification
 
         from alignkit.data.reward_text import RewardEncoder
         from alignkit.models.load import default_device, from_pretrained, load_tokenizer, resolve_dtype, resolve_path
@@ -43,13 +43,15 @@ class RewardModel:
         max_length = self.meta.get("max_length") or min(tokenizer.model_max_length, DEFAULT_MAX_LENGTH)
         self.encoder = RewardEncoder(tokenizer, self.meta.get("chat_template", True), max_length)
         self.device = torch.device(device) if device else default_device()
+        labels = from_pretrained(AutoConfig, path, "a reward model's config").num_labels  # before loading weights
+        if labels != 1:
+            raise UserError(f"{path} is not a reward model: it has {labels} outputs (num_labels), a reward model has "
+                            "one (e.g. the model/ directory of alignkit rm)")
         try:
             model = from_pretrained(AutoModelForSequenceClassification, path, "a reward model",
                                     dtype=resolve_dtype("auto"))
         except ValueError as e:
             raise UserError(f"could not load a reward model from '{path}': {str(e).splitlines()[0]}") from None
-        if model.config.num_labels != 1:
-            raise UserError(f"{path} has {model.config.num_labels} outputs; a reward model has exactly one")
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.encoder.pad_id
         self.model = model.to(self.device).eval()
