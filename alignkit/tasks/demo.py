@@ -44,7 +44,7 @@ class DemoConfig:
     k: int = option(4, "Completions per prompt for the labelers to rank")
     label_ceiling: float = option(0.9, "Labeler noise: tau solved so the pairwise accuracy ceiling is this")
     rm_epochs: int = option(2, "Reward-model epochs")
-    ppo_steps: int = option(10, "PPO rollout-and-update steps (8 prompts each)")
+    ppo_steps: int = option(10, "PPO rollout-and-update steps (8 prompts each; 4 epochs of 2 minibatches)")
     grpo_steps: int = option(12, "GRPO steps (2 prompts x 4 responses each)")
     dpo_steps: int = option(16, "DPO optimiser steps (batch 8 pairs)")
     rl_lr: float = option(3e-4, "Learning rate of PPO and GRPO (LoRA)")
@@ -116,16 +116,20 @@ def _online(cfg: DemoConfig, root: Path, name: str, policy: Path, rm: Path) -> P
     if _done(out / "model", f"{name.upper()} against the reward model (KL beta {cfg.kl_beta} to the SFT policy)"):
         return out
     shutil.rmtree(out, ignore_errors=True)
+    # PPO: 4 epochs of 2 minibatches over each batch of 8 rollouts (GRPO: one step per batch). With 2 epochs of
+    # one minibatch, 4 seeds gave gold 0.02-0.50 (mean 0.21); with these settings 0.36-0.65 (mean 0.46; docs/ppo.md).
+    minibatch = 4 if name == "ppo" else 8
     common = dict(model=ModelConfig(path=str(policy)), lora=LoraConfig(r=cfg.lora_r), prompts=cfg.prompts,
                   reward=RewardConfig(model=str(rm)), gold=cfg.gold,  # gold logged per rollout, never optimised
                   sampling=RolloutSampling(max_new_tokens=cfg.max_new_tokens),
-                  train=RLTrainConfig(batch_size=8, micro_batch_size=8, lr=cfg.rl_lr, seed=cfg.seed, report_to=[]),
+                  train=RLTrainConfig(batch_size=minibatch, micro_batch_size=minibatch, lr=cfg.rl_lr, seed=cfg.seed,
+                                      report_to=[]),
                   output_dir=str(out))
     if name == "ppo":
         from alignkit.algorithms.ppo import PPOConfig, PPOOnline, run_ppo
 
         run_ppo(PPOConfig(**common, kl=KLConfig(beta=cfg.kl_beta), online=PPOOnline(steps=cfg.ppo_steps,
-                          prompts_per_step=8, epochs=2)))
+                          prompts_per_step=8, epochs=4)))
     else:
         from alignkit.algorithms.policy_gradient import K3KL, GRPOConfig, GroupOnline, run_grpo
 
