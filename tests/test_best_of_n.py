@@ -147,7 +147,8 @@ def test_rejection_sampling_starts_over_after_a_failed_first_round(tmp_path, tin
               train=TrainConfig(batch_size=4, micro_batch_size=4, max_steps=1, report_to=[]))
     with pytest.raises(UserError, match="non-finite score"):
         run_rejection_sampling(RejectionSamplingConfig(reward="test_best_of_n:nan_chars", **kw))
-    assert (run_rejection_sampling(RejectionSamplingConfig(reward="test_best_of_n:n_chars", **kw)) / "config.json").is_file()
+    model_dir = run_rejection_sampling(RejectionSamplingConfig(reward="test_best_of_n:n_chars", **kw))
+    assert (model_dir / "config.json").is_file()
     with pytest.raises(UserError, match="does not resume"):  # a finished run is kept
         run_rejection_sampling(RejectionSamplingConfig(reward="test_best_of_n:n_chars", **kw))
 

@@ -282,7 +282,8 @@ def test_eval_checks_the_references_before_sampling(tmp_path, capsys, tiny_llama
                          (["x", 3], "field 'reference[1]' must be a string, got int"),
                          ([], "field 'reference' must be a string or a non-empty list of strings, got list")):
         path = tmp_path / "p.jsonl"
-        path.write_text(json.dumps({"prompt": "a", "reference": "x"}) + "\n" + json.dumps({"prompt": "b", "reference": bad}))
+        path.write_text("\n".join(json.dumps(row) for row in ({"prompt": "a", "reference": "x"},
+                                                               {"prompt": "b", "reference": bad})))
         assert main(["eval", f"policy={tiny_llama_dir}", f"prompts={path}", f"output={tmp_path / 'e.json'}"]) == 2
         assert f"{path}:2: {message}" in capsys.readouterr().err
     assert not (tmp_path / "e.json").exists()

@@ -292,7 +292,8 @@ def test_sampling_stages_refuse_to_overwrite_their_prompts(tmp_path, capsys):
 
 
 def test_generate_reads_a_null_messages_field_as_absent(tiny_llama_dir, tmp_path):
-    """The schema took "messages": null as absent, generate then sampled from prompt None (an error without file:line)."""
+    """The schema took "messages": null as absent; generate then sampled from the prompt None (an error without
+    file:line)."""
     from alignkit import cli
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "review ab", "messages": None}])

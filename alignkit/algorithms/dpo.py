@@ -46,7 +46,8 @@ from alignkit.engine.loop import Engine, add_metrics, total_metrics
 from alignkit.errors import UserError
 from alignkit.losses.preference import PREFERENCE_LOSSES, PreferenceLoss
 from alignkit.models.load import (
-    LoraConfig, ModelConfig, check_context, context_length, is_peft, load_causal_lm, load_tokenizer, save_model, weights_stamp,
+    LoraConfig, ModelConfig, check_context, context_length, is_peft, load_causal_lm, load_tokenizer, save_model,
+    weights_stamp,
 )
 
 log = logging.getLogger(__name__)

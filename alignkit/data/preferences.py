@@ -190,7 +190,8 @@ def preference_kind(path: str | Path) -> str:
             return "rankings"
         if "chosen" in row or "rejected" in row:
             return "pairs"
-        kto = "; an unpaired KTO row (completion, label) needs loss=kto" if "completion" in row and "label" in row else ""
+        unpaired = "completion" in row and "label" in row
+        kto = "; an unpaired KTO row (completion, label) needs loss=kto" if unpaired else ""
         raise UserError(f"{where}: neither a pair (prompt, chosen, rejected) nor a ranking "
                         f"(prompt, completions, ranking){kto}; see alignkit/data/preferences.py for the formats")
     raise UserError(f"{path}: no rows (the file is empty or holds only blank lines); add data or fix the path")

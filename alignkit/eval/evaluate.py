@@ -284,7 +284,8 @@ def _reward_metrics(sources: dict, rows: list[dict], samples: list[dict], metric
         for sample, value in zip(samples, scores[name].tolist()):
             sample[name] = value
         if has_ref:
-            ref_scores[name] = score_rows(source, rows, [s["reference_completion"] for s in samples], f"the {name} reward")
+            ref_scores[name] = score_rows(source, rows, [s["reference_completion"] for s in samples],
+                                          f"the {name} reward")
             metrics[f"reference/reward/{name}"] = float(ref_scores[name].mean())
             metrics[f"win_rate/{name}"] = win_rate(scores[name], ref_scores[name])
             for sample, value in zip(samples, ref_scores[name].tolist()):

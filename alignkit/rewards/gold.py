@@ -78,7 +78,8 @@ def as_judge(obj, name: str | None = None):
 
 
 def load_judge(spec: str):
-    """'vader', or 'package.module:attribute' naming a reward source, a batch function or a text function (`as_judge`)."""
+    """'vader', or 'package.module:attribute' naming a reward source, a batch function or a text function
+    (`as_judge`)."""
     if spec in GOLD_JUDGES:
         return GOLD_JUDGES[spec]()
     if ":" not in spec:
