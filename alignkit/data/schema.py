@@ -91,12 +91,15 @@ def _check_messages(name: str, value: Any) -> str | None:
     return None
 
 
+_check_str_list = _list_of("a list of strings", "a string", lambda v: isinstance(v, str))
+
+
 def _check_references(name: str, value: Any) -> str | None:
     """Reference text(s) of a prompt (BLEU, ROUGE, BERTScore): a string or a non-empty list of strings."""
     if isinstance(value, str):
         return None
     if isinstance(value, (list, tuple)) and value:
-        return _list_of("a list of strings", "a string", lambda v: isinstance(v, str))(name, value)
+        return _check_str_list(name, value)
     return f"field '{name}' must be a string or a non-empty list of strings, got {type_name(value)}"
 
 
@@ -105,7 +108,7 @@ TYPES: dict[str, TypeCheck] = {
     "int": _scalar("an integer", lambda v: _is_int(v) or (_is_numpy_number(v) and v.dtype.kind in "iu")),
     "float": _check_float,
     "bool": _scalar("true or false", lambda v: isinstance(v, bool)),
-    "list[str]": _list_of("a list of strings", "a string", lambda v: isinstance(v, str)),
+    "list[str]": _check_str_list,
     "list[float]": _list_of("a list of numbers", "a number", _is_number),
     "messages": _check_messages,
     "references": _check_references,
