@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,7 +198,8 @@ def test_alignkit_eval_end_to_end(tmp_path, tiny_llama_dir, tiny_bert_dir, capsy
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"review the {w}", "reference": f"the {w} is good"} for w in ("food", "bar", "service")]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["eval", f"policy={run / 'model'}", f"reference={tiny_llama_dir}", f"prompts={prompts}",
+    reference = f"{tiny_llama_dir}/../{Path(tiny_llama_dir).name}"  # another spelling of the same directory
+    argv = ["eval", f"policy={run / 'model'}", f"reference={reference}", f"prompts={prompts}",
             "sampling.max_new_tokens=6", "batch_size=2", "proxy.function=test_eval:proxy_length",
             f"bertscore_model={tiny_bert_dir}", "step=50", "method=ppo", f"judge=ai-judge:{tiny_llama_dir}@positive"]
     assert main(argv) == 0
@@ -206,6 +208,9 @@ def test_alignkit_eval_end_to_end(tmp_path, tiny_llama_dir, tiny_bert_dir, capsy
     result = json.loads(out.read_text())
     m = result["metrics"]
     assert result["kind"] == "alignkit.eval" and result["step"] == 50 and result["method"] == "ppo"
+    # the paths the report matches runs by, whichever way they were spelled (a stray reference row otherwise)
+    assert result["policy"] == str((run / "model").resolve())
+    assert result["reference"] == str(Path(tiny_llama_dir).resolve())
     assert m["prompts"] == 3 and m["kl"] == 0.0 and m["kl_std"] == 0.0  # the policy is its own reference
     assert m["kl_on"] == "eval samples"
     samples = result["samples"]

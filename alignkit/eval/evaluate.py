@@ -119,6 +119,12 @@ def _load(path, dtype: str):
     return load_causal_lm(ModelConfig(path=path, dtype=dtype), trainable=False)
 
 
+def _located(path: str | None) -> str | None:
+    """A model directory as its absolute path (the report matches a run's reference with another run's policy by
+    it, whichever way each was spelled); an alias or a hub name as given."""
+    return str(Path(path).resolve()) if path and Path(path).is_dir() else path
+
+
 def run_eval(cfg: EvalConfig) -> str:
     """Evaluate `cfg.policy` and write the JSON; returns its path."""
     from alignkit.algorithms.best_of_n import prompt_rows
@@ -145,7 +151,7 @@ def run_eval(cfg: EvalConfig) -> str:
                              msstr_segment=cfg.msstr_segment, judge=judge)
     out = cfg.output_path()
     run_dir = out.parent.parent if out.parent.name == "eval" else None
-    result.update(policy=cfg.policy, reference=cfg.reference, step=cfg.step,
+    result.update(policy=_located(cfg.policy), reference=_located(cfg.reference), step=cfg.step,
                   method=cfg.method or (run_dir.name if run_dir else Path(cfg.policy).name), config=to_dict(cfg))
     write_json(out, result)
     _print_summary(result, cfg.show)
