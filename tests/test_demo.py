@@ -63,3 +63,19 @@ def test_demo_output_dir_settings_and_fresh(tmp_path):
         with pytest.raises(UserError, match="holds files but no demo.yaml"):
             _start(DemoConfig(output_dir=str(mine), fresh=fresh), mine)
     assert (mine / "chapter1.tex").is_file()
+
+
+def test_demo_refuses_bad_settings_before_writing_anything(tmp_path, capsys):
+    """sft_steps=0 trained a whole epoch; k=1, label_ceiling=1.5 and gold=nosuch failed after SFT and the rollout,
+    with demo.yaml written, so the corrected re-run was refused; sft_lr=-1 was a traceback."""
+    from alignkit.cli import main
+
+    out = tmp_path / "demo"
+    for bad, message in (("sft_steps=0", "sft_steps must be in [1, inf), got 0"), ("k=1", "k must be in [2, inf)"),
+                         ("label_ceiling=1.5", "label_ceiling must be in (0.5, 1), got 1.5"),
+                         ("sft_lr=-1", "sft_lr must be in (0, inf), got -1.0"), ("kl_beta=nan", "kl_beta must be in"),
+                         ("gold=nosuch", "unknown judge 'nosuch'"), ("prompts=nope.jsonl", "prompts: file not found"),
+                         ("max_new_tokens=0", "max_new_tokens must be in [1, inf)")):
+        assert main(["demo", f"output_dir={out}", bad]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()

@@ -15,12 +15,13 @@ stages would not match them), and `--fresh` deletes only a directory that holds 
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import flatten, option, save_config, saved_config, to_dict
+from alignkit.config import check_interval, flatten, option, save_config, saved_config, to_dict
 from alignkit.engine.config import TrainConfig
 from alignkit.errors import UserError
 from alignkit.models.load import LoraConfig, ModelConfig
@@ -36,23 +37,40 @@ class DemoConfig:
     reward_backbone: str = option("minilm", "Reward-model backbone ('minilm' = embedded all-MiniLM-L6-v2)")
     output_dir: str = option("runs/demo", "Where every stage writes its outputs")
     fresh: bool = option(False, "Delete output_dir (a demo's, holding demo.yaml) first and run every stage again")
-    lora_r: int = option(16, "LoRA rank of every policy-training stage")
-    max_new_tokens: int = option(24, "Longest sampled response (rollouts, RL, evaluation)")
-    sft_steps: int = option(16, "SFT optimiser steps (batch 8)")
+    lora_r: int = option(16, "LoRA rank of every policy-training stage", low=0)
+    max_new_tokens: int = option(24, "Longest sampled response (rollouts, RL, evaluation)", low=1)
+    sft_steps: int = option(16, "SFT optimiser steps (batch 8)", low=1)
     sft_lr: float = option(3e-4, "SFT learning rate (LoRA)")
-    rm_prompts: int = option(96, "Prompts sampled K times for labelling (the reward model's data)")
-    k: int = option(4, "Completions per prompt for the labelers to rank")
+    rm_prompts: int = option(96, "Prompts sampled K times for labelling (the reward model's data)", low=1)
+    k: int = option(4, "Completions per prompt for the labelers to rank", low=2)
     label_ceiling: float = option(0.9, "Labeler noise: tau solved so the pairwise accuracy ceiling is this")
-    rm_epochs: int = option(2, "Reward-model epochs")
-    ppo_steps: int = option(10, "PPO rollout-and-update steps (8 prompts each; 4 epochs of 2 minibatches)")
-    grpo_steps: int = option(12, "GRPO steps (2 prompts x 4 responses each)")
-    dpo_steps: int = option(16, "DPO optimiser steps (batch 8 pairs)")
+    rm_epochs: int = option(2, "Reward-model epochs", low=1)
+    ppo_steps: int = option(10, "PPO rollout-and-update steps (8 prompts each; 4 epochs of 2 minibatches)", low=1)
+    grpo_steps: int = option(12, "GRPO steps (2 prompts x 4 responses each)", low=1)
+    dpo_steps: int = option(16, "DPO optimiser steps (batch 8 pairs)", low=1)
     rl_lr: float = option(3e-4, "Learning rate of PPO and GRPO (LoRA)")
     dpo_lr: float = option(1e-3, "Learning rate of DPO (LoRA)")
     kl_beta: float = option(0.05, "KL coefficient of PPO and GRPO; DPO's beta is 0.1")
-    best_of_n: int = option(4, "N of best-of-N (reranked by the reward model)")
-    eval_prompts_n: int = option(32, "Held-out prompts per evaluation")
-    seed: int = option(0, "Seed for data order and sampling")
+    best_of_n: int = option(4, "N of best-of-N (reranked by the reward model)", low=1)
+    eval_prompts_n: int = option(32, "Held-out prompts per evaluation", low=1)
+    seed: int = option(0, "Seed for data order and sampling", low=0)
+
+    def validate(self):
+        """The stages' own checks of these values would come only when each stage starts, after the ones before."""
+        for name in ("sft_lr", "rl_lr", "dpo_lr"):
+            check_interval(name, getattr(self, name), 0, math.inf, "()")
+        check_interval("kl_beta", self.kl_beta, 0, math.inf, "[)")
+        check_interval("label_ceiling", self.label_ceiling, 0.5, 1, "()")
+
+    def check_inputs(self) -> None:
+        """Before anything is written: the data files exist and the gold judge loads."""
+        from alignkit.rewards.gold import load_judge
+
+        for name in ("sft_data", "prompts", "eval_prompts"):
+            path = getattr(self, name)
+            if path != "demo" and not Path(path).is_file():
+                raise UserError(f"{name}: file not found: {path}")
+        load_judge(self.gold)
 
 
 def _done(path: Path, label: str) -> bool:
@@ -211,6 +229,7 @@ def run_demo(cfg: DemoConfig) -> str:
     from alignkit.eval.report import load_run, summary_table, write_report
 
     root = Path(cfg.output_dir)
+    cfg.check_inputs()
     _start(cfg, root)
     t0 = time.perf_counter()
     steps = []
