@@ -191,6 +191,8 @@ def test_reward_sources():
     # every row's fields reach the reward (only the first row's keys were passed), None where a row lacks one
     rows = [{"prompt": "a"}, {"messages": [], "reference": "good", "n": 2}]
     assert row_fields(rows) == {"reference": [None, "good"], "n": [None, 2]}
+    # a row of rollout's output carries `completions`: passed on, it clashed with score's own argument (a TypeError)
+    assert row_fields([{"prompt": "a", "completions": ["x", "y"], "prompts": "z", "n": 1}]) == {"n": [1]}
 
 
 def test_explained_variance():

@@ -32,7 +32,7 @@ from alignkit.config import option
 from alignkit.data.jsonl import check_io, write_json, write_jsonl
 from alignkit.data.preferences import carried_fields, prompt_fields, prompt_of, read_completion_sets, set_prompt_ids
 from alignkit.errors import UserError
-from alignkit.rewards.base import checked_scores
+from alignkit.rewards.base import checked_scores, row_fields
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def gold_scores(judge, rows: list[dict]) -> list[list[float]]:
     """The judge's score of every completion of every row (one batched call)."""
     prompts = [prompt_of(r) for r in rows for _ in r["completions"]]
     texts = [c for r in rows for c in r["completions"]]
-    keys = sorted({k for r in rows for k in r} - {"prompt", "messages", "completions", "ranking"})
-    fields = {k: [r.get(k) for r in rows for _ in r["completions"]] for k in keys}
+    fields = row_fields([r for r in rows for _ in r["completions"]])
+    fields.pop("ranking", None)  # an earlier labeler's ranking is no field of the completions
     flat = checked_scores(judge.score(prompts, texts, **fields), prompts, texts, "the gold judge").tolist()
     out, i = [], 0
     for r in rows:

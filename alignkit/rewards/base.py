@@ -54,10 +54,15 @@ class WeightedSum:
     __call__ = score
 
 
+# Row fields never passed to a reward source: the prompt itself, and the names of score's own arguments (a row
+# of `alignkit rollout`'s output carries `completions`; passing it would clash with the sampled completions).
+NOT_ROW_FIELDS = ("prompt", "messages", "prompts", "completions")
+
+
 def row_fields(rows: Sequence[dict]) -> dict[str, list]:
     """The prompt rows' other fields as keyword lists for a reward source, None where a row lacks one: every
-    field that any row has (a field on a later row only is passed too)."""
-    keys = dict.fromkeys(k for r in rows for k in r if k not in ("prompt", "messages"))
+    field that any row has (a field on a later row only is passed too), except `NOT_ROW_FIELDS`."""
+    keys = dict.fromkeys(k for r in rows for k in r if k not in NOT_ROW_FIELDS)
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
