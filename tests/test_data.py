@@ -368,6 +368,9 @@ def test_load_sft_dataset_packing_and_formats(tmp_path, tok):
     packed = load_sft_dataset(path, tok, 32, chat_template=True, packing=True)
     assert all(len(b["input_ids"]) == 32 for b in packed[:-1])
     assert sum(len(b["input_ids"]) for b in packed) == sum(len(e["input_ids"]) for e in examples)
+    # max_rows counts rows, not packed blocks (data.max_rows=4 trained on 4 blocks of about 13 rows)
+    first4 = load_sft_dataset(path, tok, 32, chat_template=True, packing=True, max_rows=4)
+    assert sum(len(b["input_ids"]) for b in first4) == sum(len(e["input_ids"]) for e in examples[:4])
     pd = pytest.importorskip("pandas")
     pd.DataFrame(rows).to_parquet(tmp_path / "sft.parquet")
     assert load_sft_dataset(tmp_path / "sft.parquet", tok, 64) == examples

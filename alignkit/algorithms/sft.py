@@ -90,10 +90,9 @@ def run_sft(cfg: SFTConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model.path)
     train_path, eval_path = _data_paths(cfg.data)
     d = cfg.data
-    train_rows = load_sft_dataset(train_path, tokenizer, d.max_length, d.chat_template, d.packing)
-    train_rows = train_rows[: d.max_rows] if d.max_rows else train_rows
-    eval_rows = load_sft_dataset(eval_path, tokenizer, d.max_length, d.chat_template, False) if eval_path else None
-    eval_rows = eval_rows[: d.max_eval_rows] if eval_rows and d.max_eval_rows else eval_rows
+    train_rows = load_sft_dataset(train_path, tokenizer, d.max_length, d.chat_template, d.packing, d.max_rows)
+    eval_rows = (load_sft_dataset(eval_path, tokenizer, d.max_length, d.chat_template, False, d.max_eval_rows)
+                 if eval_path else None)
     model = load_causal_lm(cfg.model, cfg.lora)
     check_context(model, d.max_length)
     model, metrics = engine.fit(model, SFT(tokenizer.pad_token_id), train_rows, eval_rows, to_dict(cfg), desc="sft")

@@ -202,9 +202,11 @@ def _progress(items: list, desc: str):
 
 
 def load_sft_dataset(
-    path: str | os.PathLike, tokenizer, max_length: int, chat_template: bool = True, packing: bool = False
+    path: str | os.PathLike, tokenizer, max_length: int, chat_template: bool = True, packing: bool = False,
+    max_rows: int | None = None,
 ) -> list[dict]:
-    """Read, validate and tokenise an SFT file (.jsonl/.json/.parquet/.csv) into examples.
+    """Read, validate and tokenise the first `max_rows` rows (None: all) of an SFT file (.jsonl/.json/.parquet/.csv)
+    into examples.
 
     Rows with nothing left to train after truncation are dropped and counted in one warning; a file
     where every row is dropped is a UserError. With `packing`, examples are packed into blocks of
@@ -213,6 +215,7 @@ def load_sft_dataset(
     located = list(iter_rows(path, SFT_SCHEMA))
     if not located:
         raise UserError(f"{path}: no rows (the file is empty or holds only blank lines); add data or fix the path")
+    located = located[:max_rows]  # rows, before packing joins them into blocks
     if chat_template and not has_chat_template(tokenizer):
         log.warning("the tokenizer has no chat template; %s is tokenised as plain prompt + completion + eos", path)
     examples, dropped = [], 0
