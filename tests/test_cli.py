@@ -107,6 +107,12 @@ def test_bad_config_values(override, message):
         ("reinforce", "pg.baseline_momentum=1", "pg.baseline_momentum must be in [0, 1), got 1.0"),
         ("ppo", "ppo.gamma=0", "ppo.gamma must be in (0, 1], got 0.0"),
         ("ppo", "ppo.lam=1.5", "ppo.lam must be in [0, 1], got 1.5"),
+        ("grpo", "sampling.do_sample=false", "sampling.do_sample must be true for RL: the policy gradient and the KL "
+                                             "estimate need samples of the policy (greedy decoding gave a GRPO group "
+                                             "identical responses: no update)"),
+        ("ppo", "reward.no_eos_penalty=nan", "no_eos_penalty must be a finite number or null, got nan"),
+        ("ppo", "ppo.critic_model=x", "ppo.critic_model is the trunk of a separate critic: set ppo.critic=separate too "
+                                      "(the shared critic is a head on the policy)"),
     ],
 )
 def test_bad_rl_config_values(stage, override, message):

@@ -278,6 +278,10 @@ def test_rollout_command_with_a_tiny_policy(tiny_llama_dir, tmp_path):
                                             f"output={tmp_path / 'c.jsonl'}", "sampling.max_new_tokens=5"])
     rows = read_completion_sets(run_rollout(cfg))
     assert len(rows) == 2 and all(len(r["completions"]) == 3 for r in rows)
+    from alignkit.errors import UserError
+
+    with pytest.raises(UserError, match="sampling.do_sample must be true: greedy decoding gives the K completions"):
+        load_config(RolloutConfig, None, ["sampling.do_sample=false"])  # wrote K identical completions per prompt
 
 
 def test_sampling_stages_refuse_to_overwrite_their_prompts(tmp_path, capsys):

@@ -91,6 +91,9 @@ class OnlineStageConfig:
         if self.sampling.seed is not None:
             raise UserError("sampling.seed must be null for training: rollouts draw from the run's generator "
                             "(seeded by train.seed and restored on resume); a fixed seed would repeat every batch")
+        if not self.sampling.do_sample:
+            raise UserError("sampling.do_sample must be true for RL: the policy gradient and the KL estimate need "
+                            "samples of the policy (greedy decoding gave a GRPO group identical responses: no update)")
 
 
 class OnlineAlgorithm:

@@ -48,6 +48,9 @@ class PPOOptions:
         check_interval("ppo.vf_coef", self.vf_coef, 0, None)
         check_interval("ppo.gamma", self.gamma, 0, 1, "(]")
         check_interval("ppo.lam", self.lam, 0, 1)
+        if self.critic_model is not None and self.critic == "shared":
+            raise UserError("ppo.critic_model is the trunk of a separate critic: set ppo.critic=separate too (the "
+                            "shared critic is a head on the policy)")
 
 
 @dataclass(frozen=True)

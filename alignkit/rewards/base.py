@@ -9,6 +9,7 @@ a trained reward model (`rewards.reward_model.RewardModel`, normalised), a gold 
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -115,6 +116,8 @@ class RewardConfig:
         return sum(x is not None for x in (self.model, self.judge, self.function))
 
     def validate(self):  # a stage that needs a reward checks that one is set (eval's gold or proxy may be none)
+        if self.no_eos_penalty is not None and not math.isfinite(self.no_eos_penalty):
+            raise UserError(f"no_eos_penalty must be a finite number or null, got {self.no_eos_penalty}")
         if self.weights is not None and len(self.weights) != self.sources:
             raise UserError(f"weights has {len(self.weights)} entries for {self.sources} reward source(s) "
                             "(of model, judge, function: those set)")

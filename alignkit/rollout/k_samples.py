@@ -33,6 +33,9 @@ class RolloutConfig:
     def validate(self):
         if self.k < 2:
             raise UserError(f"k must be >= 2 (a ranking compares at least two completions), got {self.k}")
+        if not self.sampling.do_sample:
+            raise UserError("sampling.do_sample must be true: greedy decoding gives the K completions of a prompt "
+                            "all alike, and there is nothing to rank")
 
 
 def sample_k(model, tokenizer, rows: list[dict], k: int, sampling: SamplingConfig, batch_size: int,
