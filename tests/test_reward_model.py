@@ -187,6 +187,8 @@ def test_kwise_training_and_lora_and_score_command(tiny_llama_dir, tmp_path, mon
     assert cli.main(["score", f"model={out / 'model'}", f"input={todo}"]) == 0
     scored = [json.loads(line) for line in (tmp_path / "todo.scored.jsonl").read_text().splitlines()]
     assert scored[0]["n"] == 1 and scored[0]["reward"] > scored[1]["reward"]
+    # scoring the scored file again would overwrite its rewards without a word
+    assert cli.main(["score", f"model={out / 'model'}", f"input={tmp_path / 'todo.scored.jsonl'}"]) == 2
 
 
 def test_head_init_and_freezing(tiny_llama_dir):

@@ -107,6 +107,10 @@ def run_score(cfg: ScoreConfig) -> str:
     schema = Schema(what="a row to score", variants=({"prompt": Field("str"), "completion": Field("str")},
                                                       {"messages": Field("messages"), "completion": Field("str")}))
     rows = read_rows(cfg.input, schema)
+    clash = next((i for i, r in enumerate(rows, 1) if cfg.field in r), None)
+    if clash is not None:
+        raise UserError(f"{cfg.input}: row {clash} already has a field '{cfg.field}', which the scores would "
+                        f"overwrite; name the added field otherwise (field=...)")
     rm = RewardModel(cfg.model, cfg.normalize, cfg.batch_size)
     rewards = rm.score([prompt_of(r) for r in rows], [r["completion"] for r in rows]).tolist()
     if rm.encoder.truncated:
