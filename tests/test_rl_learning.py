@@ -310,3 +310,19 @@ def test_train_options_that_do_not_apply_online_are_refused(setting):
     """They were shown by --print-config with their offline meaning and silently ignored."""
     with pytest.raises(UserError, match=f"{setting.split('=')[0]} does not apply to the RL stages"):
         load_config(GRPOConfig, None, [setting])
+
+
+def test_a_resumed_adaptive_beta_says_where_it_continues_from(caplog):
+    """The resume warning listed kl.beta 0.05 -> 0.5 as a change, but the adaptive controller went on from the
+    checkpoint's beta without a word."""
+    import logging
+
+    from alignkit.algorithms.policy_gradient import PolicyGradient
+    from alignkit.rewards.base import CallableReward
+
+    cfg = load_config(GRPOConfig, None, ["kl.controller=adaptive", "kl.beta=0.5", "reward.function=x:y"])
+    algorithm = PolicyGradient(tiny_tokenizer(), CallableReward(count_target), cfg, None)
+    with caplog.at_level(logging.INFO, logger="alignkit.algorithms.online"):
+        algorithm.load_state_dict({"beta": 0.05})
+    assert algorithm.kl_ctl.beta == 0.05
+    assert "continuing from the checkpoint's beta 0.05 (kl.beta=0.5 is where a new run starts)" in caplog.text

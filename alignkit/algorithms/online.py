@@ -163,6 +163,9 @@ class OnlineAlgorithm:
 
     def load_state_dict(self, state: dict) -> None:
         if self.cfg.kl.controller == "adaptive":  # a fixed beta is the config's, also one changed on resume
+            if state["beta"] != self.kl_ctl.beta:
+                log.info("kl.controller=adaptive: continuing from the checkpoint's beta %.6g (kl.beta=%g is where a "
+                         "new run starts)", state["beta"], self.kl_ctl.beta)
             self.kl_ctl.beta = state["beta"]
 
 
