@@ -263,6 +263,8 @@ def test_pairs_to_judge_drops_old_verdicts_and_gives_unique_ids(tmp_path):
     assert (a, b) == ("a", "b")
     assert base == {"prompt": "p", "topic": "food", "prompt_id": 0, "id": "0:0-1", "chosen_gold": 0.1,
                     "rejected_gold": 0.2}
+    copies = write_jsonl(tmp_path / "copies.jsonl", [{"prompt": "p", "completions": ["a", "b", "a"]}])
+    assert [(a, b) for _, a, b in pairs_to_judge(str(copies))] == [("a", "b"), ("b", "a")]  # no judge call for a-a
 
 
 def test_cai_label_writes_pairs_that_rm_and_dpo_read(tmp_path, tiny_llama_dir):

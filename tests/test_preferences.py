@@ -127,6 +127,22 @@ def test_comparison_groups_kwise_and_pairwise():
     assert sorted(regrouped["completions"]) == ["a", "b", "c"] and len(regrouped["winners"]) == 3
 
 
+
+def test_same_text_is_no_comparison(tmp_path, caplog):
+    """Two copies of one text state no preference: a ranking makes no pair of them (pairwise or K-wise) and a
+    pair of them is left out when read, with a warning naming the first; a file of nothing else is refused."""
+    row = {"prompt": "q", "completions": ["a", "b", "a"], "ranking": [0, 1, 2]}
+    assert [(p["chosen"], p["rejected"]) for p in rankings_to_pairs([row])] == [("a", "b"), ("b", "a")]
+    (group,) = comparison_groups("rankings", [row], kwise=True)
+    assert list(zip(group["winners"], group["losers"])) == [(0, 1), (1, 2)]
+    assert comparison_groups("rankings", [{**row, "completions": ["a", "a", "a"]}], kwise=True) == []
+    path = lines(tmp_path / "p.jsonl", [GOOD_PAIR, {"prompt": "p", "chosen": "c", "rejected": "c"}])
+    with caplog.at_level("WARNING"):
+        assert read_pairs(path) == [GOOD_PAIR]
+    assert f"left out 1 pair(s) whose chosen and rejected are the same text (first at {path}:2)" in caplog.text
+    only = lines(tmp_path / "same.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "c"}])
+    assert "every pair has the same text as chosen and rejected" in error_of(read_pairs, only)
+
 def test_rankings_to_pairs_command(tmp_path):
     from alignkit import cli
 
@@ -193,6 +209,19 @@ def test_vader_judge_and_label_command(tmp_path):
     report = json.loads((tmp_path / "pairs.ceiling.json").read_text())
     assert report["ceiling"] == pytest.approx(0.8) and len(read_pairs(tmp_path / "pairs.jsonl")) == 3
 
+
+
+def test_label_makes_no_comparison_of_copies(tmp_path):
+    """A completion set that holds one text twice: no pair of the copies, and the ceiling counts only the
+    comparisons of different texts (a copy pair would add a coin flip, 1/2, to it)."""
+    src = lines(tmp_path / "c.jsonl", [{"prompt": "p", "completions": ["Great, love it!", "Awful.", "Awful."]}])
+    run_label(LabelConfig(input=str(src), output=str(tmp_path / "pairs.jsonl"), tau=0.01))
+    pairs = read_pairs(tmp_path / "pairs.jsonl")
+    assert sorted(p["id"] for p in pairs) == ["0:0>1", "0:0>2"]
+    assert json.loads((tmp_path / "pairs.ceiling.json").read_text())["ceiling"] == pytest.approx(1.0)
+    run_label(LabelConfig(input=str(src), output=str(tmp_path / "ranked.jsonl"), mode="rankings", tau=0.01))
+    report = json.loads((tmp_path / "ranked.ceiling.json").read_text())
+    assert report["comparisons"] == 2 and report["ceiling"] == pytest.approx(1.0)
 
 def test_prompt_ids_never_collide(tmp_path):
     """A row without ids gets its row number as prompt id; when that equals another row's own id, the pairs'

@@ -170,8 +170,9 @@ def run_cai_revise(cfg: ReviseConfig) -> str:
 
 def pairs_to_judge(path: str) -> list[tuple[dict, str, str]]:
     """(base row, a, b) per comparison: a pairs file (a = chosen, b = rejected; the old label and margin dropped)
-    or completion sets {prompt|messages, completions: [K]} (every C(K, 2) pair, a = the earlier one; prompt ids
-    and carried fields as in `rankings_to_pairs`, a per-completion `gold` list as chosen_gold / rejected_gold)."""
+    or completion sets {prompt|messages, completions: [K]} (every C(K, 2) pair of different texts, a = the earlier
+    one; prompt ids and carried fields as in `rankings_to_pairs`, a per-completion `gold` list as chosen_gold /
+    rejected_gold)."""
     first = next(iter_rows(path, None), (None, {}))[1]
     if "chosen" in first:
         drop = ("chosen", "rejected", "label", "margin")
@@ -182,6 +183,8 @@ def pairs_to_judge(path: str) -> list[tuple[dict, str, str]]:
     for row, pid in zip(rows, set_prompt_ids(rows, path)):
         extra, gold = carried_fields(row), gold_scores(row)
         for i, j in combinations(range(len(row["completions"])), 2):
+            if row["completions"][i] == row["completions"][j]:
+                continue
             base = {**prompt_fields(row), **extra, "prompt_id": pid, "id": f"{pid}:{i}-{j}"}
             if gold:
                 base.update(chosen_gold=gold[i], rejected_gold=gold[j])

@@ -130,7 +130,7 @@ def load_groups(path: str, encoder: RewardEncoder, kwise: bool) -> list[dict]:
     kind, rows = read_preferences(path)
     groups = comparison_groups(kind, rows, kwise)
     if not groups:
-        raise UserError(f"{path}: no comparisons left (every ranking is a full tie)")
+        raise UserError(f"{path}: no comparisons left (every ranking is a full tie, or ranks copies of one text)")
     cache: dict[tuple[str, str], dict] = {}
     out = []
     for g in groups:

@@ -18,6 +18,10 @@ Rankings, K >= 2 completions of one prompt ranked best first:
   `id` / `prompt_id` are optional and unique per row. Completion sets ready for labelling
   (`alignkit rollout`'s output) are rankings without `ranking`.
 
+Two completions with the same text state no preference: they count as a tie wherever comparisons are
+made (a ranking's pairs, simulated labels), and a pair whose chosen and rejected are the same text is left
+out when the file is read, with a warning.
+
 `rankings_to_pairs` turns each ranking into all of its C(K, 2) pairs, dropping tied ones; every pair
 keeps the ranking's other fields and its `prompt_id`, so the K-wise grouping survives the conversion.
 A ranking's per-completion gold scores (`gold`, written by the simulated labelers) become each pair's
@@ -155,10 +159,16 @@ class _UniqueIds:
 
 
 def read_located(path: str | Path, schema: Schema) -> list[tuple[str, dict]]:
-    """Validated rows of a pairs / rankings / completion-set file with their "file:line" locations."""
+    """Validated rows of a pairs / rankings / completion-set file with their "file:line" locations.
+
+    Pairs whose chosen and rejected are the same text are left out, with a warning naming the first.
+    """
     ids = _UniqueIds(prompt_id_per_row=schema is not PAIR_SCHEMA)
-    out = []
+    out, same = [], []
     for where, row in iter_rows(path, schema):
+        if schema is PAIR_SCHEMA and row["chosen"] == row["rejected"]:
+            same.append(where)
+            continue
         if schema is RANKING_SCHEMA:
             try:
                 ranking_levels(row["ranking"], len(row["completions"]))
@@ -166,6 +176,12 @@ def read_located(path: str | Path, schema: Schema) -> list[tuple[str, dict]]:
                 raise UserError(f"{where}: {e}") from None
         ids.check(where, row)
         out.append((where, row))
+    if same and not out:
+        raise UserError(f"{path}: every pair has the same text as chosen and rejected ({same[0]}); a pair compares "
+                        "two different completions")
+    if same:
+        log.warning("%s: left out %d pair(s) whose chosen and rejected are the same text (first at %s); they state "
+                    "no preference", path, len(same), same[0])
     if not out:
         raise UserError(f"{path}: no rows (the file is empty or holds only blank lines); add data or fix the path")
     return out
@@ -233,8 +249,16 @@ def set_prompt_ids(rows: Sequence[dict], where: str) -> list:
     return ids
 
 
+def ranked_pairs(row: dict) -> list[tuple[int, int]]:
+    """(winner, loser) completion indices of every comparison a ranking makes: tied pairs and pairs of
+    completions with the same text are left out."""
+    levels, texts = ranking_levels(row["ranking"], len(row["completions"])), row["completions"]
+    return [(w, l) for better, worse in combinations(range(len(levels)), 2)
+            for w in levels[better] for l in levels[worse] if texts[w] != texts[l]]
+
+
 def rankings_to_pairs(rows: Sequence[dict], where: str = "rankings") -> list[dict]:
-    """All C(K, 2) pairs of every ranking, tied pairs dropped, better completion first.
+    """All C(K, 2) pairs of every ranking, better completion first (`ranked_pairs`: tied and same-text ones dropped).
 
     Each pair keeps the ranking's other fields (`carried_fields`), its prompt (`prompt` or `messages`), a
     `prompt_id` (`set_prompt_ids`) and an `id` "<prompt_id>:<winner>><loser>" naming the two completion
@@ -244,14 +268,10 @@ def rankings_to_pairs(rows: Sequence[dict], where: str = "rankings") -> list[dic
     for row, pid in zip(rows, set_prompt_ids(rows, where)):
         gold = gold_scores(row)
         extra = carried_fields(row)
-        levels = ranking_levels(row["ranking"], len(row["completions"]))
-        for better, worse in combinations(range(len(levels)), 2):
-            for w in levels[better]:
-                for l in levels[worse]:
-                    sides = {"chosen_gold": gold[w], "rejected_gold": gold[l]} if gold else {}
-                    pairs.append({**prompt_fields(row), "chosen": row["completions"][w],
-                                  "rejected": row["completions"][l], **extra, **sides, "prompt_id": pid,
-                                  "id": f"{pid}:{w}>{l}"})
+        for w, l in ranked_pairs(row):
+            sides = {"chosen_gold": gold[w], "rejected_gold": gold[l]} if gold else {}
+            pairs.append({**prompt_fields(row), "chosen": row["completions"][w], "rejected": row["completions"][l],
+                          **extra, **sides, "prompt_id": pid, "id": f"{pid}:{w}>{l}"})
     return pairs
 
 
@@ -268,7 +288,8 @@ def comparison_groups(kind: str, rows: list[dict], kwise: bool) -> list[dict]:
 
     With `kwise`, one element per prompt holds all its comparisons (a ranking, or the pairs sharing a
     `prompt_id`, else the same prompt); otherwise one element per comparison. `winners[m]` /
-    `losers[m]` index `completions`; a group whose completions are all tied has no comparison and is left out.
+    `losers[m]` index `completions`; a group whose completions are all tied (or the same text) has no comparison
+    and is left out.
     `gold` holds a gold score per completion when the rows carry them (a ranking's `gold`, a pair's
     `chosen_gold` / `rejected_gold`), else None.
     """
@@ -288,8 +309,7 @@ def comparison_groups(kind: str, rows: list[dict], kwise: bool) -> list[dict]:
 
 
 def _ranking_group(row: dict) -> dict:
-    levels = ranking_levels(row["ranking"], len(row["completions"]))
-    wins = [(w, l) for a, b in combinations(range(len(levels)), 2) for w in levels[a] for l in levels[b]]
+    wins = ranked_pairs(row)
     return {"prompt": prompt_of(row), "completions": list(row["completions"]), "winners": [w for w, _ in wins],
             "losers": [l for _, l in wins], "margin": [0.0] * len(wins), "label": [1.0] * len(wins),
             "gold": gold_scores(row)}
@@ -327,7 +347,7 @@ def run_rankings_to_pairs(cfg: RankingsToPairsConfig) -> str:
     rows = read_rankings(cfg.input)
     pairs = rankings_to_pairs(rows, cfg.input)
     if not pairs:
-        raise UserError(f"{cfg.input}: no pairs (every ranking is a full tie)")
+        raise UserError(f"{cfg.input}: no pairs (every ranking is a full tie, or ranks copies of one text)")
     write_jsonl(cfg.output, pairs)
-    log.info("%d rankings -> %d pairs (ties dropped) in %s", len(rows), len(pairs), cfg.output)
+    log.info("%d rankings -> %d pairs (ties and same-text pairs dropped) in %s", len(rows), len(pairs), cfg.output)
     return cfg.output

@@ -15,6 +15,8 @@ The analytic accuracy ceiling is the expected agreement of the noisy labels with
 
 the best held-out accuracy any reward model can expect against these labels. It is written next to
 the data as `<name>.ceiling.json` with tau, the judge and the empirical agreement of the drawn labels.
+Two completions with the same text are no comparison (`data.preferences.ranked_pairs`): they get no pair and
+no place in the ceiling.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import numpy as np
 
 from alignkit.config import option
 from alignkit.data.jsonl import check_io, write_json, write_jsonl
-from alignkit.data.preferences import carried_fields, prompt_fields, prompt_of, read_completion_sets, set_prompt_ids
+from alignkit.data.preferences import (
+    carried_fields, prompt_fields, prompt_of, ranked_pairs, read_completion_sets, set_prompt_ids,
+)
 from alignkit.errors import UserError
 from alignkit.rewards.base import checked_scores, row_fields
 
@@ -84,7 +88,7 @@ def gold_scores(judge, rows: list[dict]) -> list[list[float]]:
 
 
 def label_pairs(rows: list[dict], gold: list[list[float]], tau: float, seed: int, where: str = "input") -> list[dict]:
-    """Every C(K, 2) pair of each completion set, labelled independently with Bradley–Terry noise.
+    """Every C(K, 2) pair of distinct texts of each completion set, labelled independently with Bradley–Terry noise.
 
     Pairs keep the row's other fields (`carried_fields`), get a `prompt_id` (`set_prompt_ids`) and the
     gold scores of both sides (`chosen_gold`, `rejected_gold`).
@@ -93,7 +97,7 @@ def label_pairs(rows: list[dict], gold: list[list[float]], tau: float, seed: int
     pairs = []
     for row, g, pid in zip(rows, gold, set_prompt_ids(rows, where)):
         extra = carried_fields(row)
-        for a, b in combinations(range(len(g)), 2):
+        for a, b in _distinct_pairs(row):
             w, l = plackett_luce_order(np.array([g[a], g[b]]), tau, rng)
             w, l = (a, b)[w], (a, b)[l]
             pairs.append({**prompt_fields(row), "chosen": row["completions"][w], "rejected": row["completions"][l],
@@ -137,14 +141,18 @@ def simulate(rows: list[dict], gold: list[list[float]], mode: str, tau: float, s
         gaps = [p["chosen_gold"] - p["rejected_gold"] for p in out]
     else:
         out = rank_plackett_luce(rows, gold, tau, seed)
-        gaps = [r["gold"][r["ranking"][a]] - r["gold"][r["ranking"][b]]
-                for r in out for a, b in combinations(range(len(r["ranking"])), 2)]
+        gaps = [r["gold"][w] - r["gold"][l] for r in out for w, l in ranked_pairs(r)]
     return out, label_report(gaps, tau, judge_name, seed)
 
 
-def pair_gaps(gold: list[list[float]]) -> list[float]:
-    """g(a) - g(b) for every pair of completions within each set."""
-    return [g[a] - g[b] for g in gold for a, b in combinations(range(len(g)), 2)]
+def _distinct_pairs(row: dict) -> list[tuple[int, int]]:
+    texts = row["completions"]
+    return [(a, b) for a, b in combinations(range(len(texts)), 2) if texts[a] != texts[b]]
+
+
+def pair_gaps(rows: list[dict], gold: list[list[float]]) -> list[float]:
+    """g(a) - g(b) for every pair of completions with different texts within each set."""
+    return [g[a] - g[b] for row, g in zip(rows, gold) for a, b in _distinct_pairs(row)]
 
 
 @dataclass(frozen=True)
@@ -172,7 +180,7 @@ def run_label(cfg: LabelConfig) -> str:
     judge = load_judge(cfg.judge)
     rows = read_completion_sets(cfg.input)
     gold = gold_scores(judge, rows)
-    tau = tau_for_ceiling(pair_gaps(gold), cfg.target_ceiling) if cfg.target_ceiling is not None else cfg.tau
+    tau = tau_for_ceiling(pair_gaps(rows, gold), cfg.target_ceiling) if cfg.target_ceiling is not None else cfg.tau
     out, report = simulate(rows, gold, cfg.mode, tau, cfg.seed, cfg.judge, cfg.input)
     write_labelled(cfg.output, out, report)
     log.info("%d %s (tau %.4g): accuracy ceiling %.4f, labels agree with the gold order on %.4f",

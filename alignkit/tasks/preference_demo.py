@@ -96,7 +96,7 @@ def build_preference_demo(force: bool = False) -> dict[str, Path]:
             "pairs_eval": completion_sets(held_out, SIZES["pairs_eval"], 2, rng, "eval"),
             "rankings_train": completion_sets(train, SIZES["rankings_train"], K_RANKING, rng, "rank")}
     gold = {name: gold_scores(judge, rows) for name, rows in sets.items()}
-    tau = tau_for_ceiling(pair_gaps(gold["pairs_train"]), TARGET_CEILING)
+    tau = tau_for_ceiling(pair_gaps(sets["pairs_train"], gold["pairs_train"]), TARGET_CEILING)
     paths["manifest"].parent.mkdir(parents=True, exist_ok=True)
     paths["manifest"].unlink(missing_ok=True)
     reports = {}
