@@ -51,11 +51,31 @@ def field_help(cls: type, name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Override:
-    """A scalar `key=value` of the command line: its YAML value, and its text, which a string field takes as
-    typed (`output=0755` names the file 0755, not the octal number 493; `output_dir=no` is not false)."""
+    """A scalar `key=value` of the command line, or a plain scalar of a config file that YAML reads as a number or
+    boolean: its YAML value, and its text, which a string field takes as typed (`output=0755` names the file 0755,
+    not the octal number 493; `output_dir=no` is not false)."""
 
     text: str
     value: Any
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML that keeps the text of a plain scalar read as a number or boolean (as an `_Override`), so that a string
+    field gets it as written: `output_dir: 0755` is the directory 0755, not the octal number 493."""
+
+    def construct_mapping(self, node, deep=False):
+        mapping = super().construct_mapping(node, deep)
+        return {k.value if isinstance(k, _Override) else k: v for k, v in mapping.items()}
+
+
+def _with_text(construct):
+    return lambda loader, node: _Override(node.value, construct(loader, node)) if node.style is None else \
+        construct(loader, node)
+
+
+for _tag in ("int", "float", "bool"):
+    _tag = f"tag:yaml.org,2002:{_tag}"
+    _Loader.add_constructor(_tag, _with_text(yaml.SafeLoader.yaml_constructors[_tag]))
 
 
 def _takes_text(tp: Any, value: Any) -> bool:
@@ -193,7 +213,8 @@ def _check_sections(file: dict, overrides: dict, prefix: str = "") -> None:
         if isinstance(v, dict) and isinstance(old, dict):
             _check_sections(old, v, f"{prefix}{k}.")
         elif isinstance(v, dict) and old is not None:
-            raise UserError(f"'{prefix}{k}' is {old!r} in the config file, but {prefix}{k}.* is set on the command "
+            shown = old.text if isinstance(old, _Override) else repr(old)
+            raise UserError(f"'{prefix}{k}' is {shown} in the config file, but {prefix}{k}.* is set on the command "
                             "line; make it a mapping")
 
 
@@ -212,7 +233,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""

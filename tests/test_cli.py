@@ -53,6 +53,25 @@ def test_string_overrides_keep_their_text():
     assert (cfg.data.eval, cfg.train.lr, cfg.lora.target_modules) == (None, 1e-4, ["q_proj", "v_proj"])
 
 
+def test_config_file_strings_keep_their_text(tmp_path):
+    """The same in a config file: `output_dir: 0755` was the directory 493; quoted text, numbers, booleans, lists
+    and nulls read as before."""
+    for text in ("0755", "1.10", "0x1F", "no", "true"):
+        f = tmp_path / "c.yaml"
+        f.write_text(f"output_dir: {text}\ndata:\n  eval: null\n  packing: yes\ntrain:\n  lr: 1.0e-4\n"
+                     "  adam_betas: [0.8, 0.99]\nlora:\n  r: 0x10\n  target_modules: [q_proj, '1']\n")
+        cfg = load_config(SFTConfig, f, [])
+        assert cfg.output_dir == text and cfg.data.eval is None and cfg.data.packing is True
+        assert (cfg.train.lr, cfg.train.adam_betas, cfg.lora.r, cfg.lora.target_modules) == (
+            1e-4, [0.8, 0.99], 16, ["q_proj", "1"])
+    f.write_text("train: 5\n")
+    with pytest.raises(UserError, match="'train' is 5 in the config file"):
+        load_config(SFTConfig, f, ["train.lr=1"])
+    f.write_text("3: x\n")
+    with pytest.raises(UserError, match="unknown config key '3'"):
+        load_config(SFTConfig, f, [])
+
+
 def test_resumed_run_logs_changed_settings(tmp_path, caplog):
     path = tmp_path / "config.yaml"
     save_config(to_dict(load_config(SFTConfig, None, [])), path)
