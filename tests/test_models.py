@@ -1,6 +1,7 @@
 """Model loading from local HF directories, LoRA wiring and defaults, tokenizers without a pad token."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from alignkit.models.tiny import save_tiny, tiny_tokenizer
 ])
 def test_lora_defaults_and_reference_is_disabled_adapter(request, fixture, expected):
     path = request.getfixturevalue(fixture)
-    model = load_causal_lm(ModelConfig(path=path, dtype="float32"), LoraConfig(r=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # PEFT warned on GPT-2's Conv1D layers (fan_in_fan_out)
+        model = load_causal_lm(ModelConfig(path=path, dtype="float32"), LoraConfig(r=4))
     assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n} == expected
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
     with torch.no_grad():

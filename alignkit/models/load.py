@@ -169,9 +169,12 @@ def add_lora(model, lora: LoraConfig):
         raise UserError(
             f"no default LoRA targets for model type '{model.config.model_type}'; set lora.target_modules"
         )
-    peft_cfg = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(targets), bias="none"
-    )
+    from transformers.pytorch_utils import Conv1D
+
+    # GPT-2's layers are Conv1D (weights stored transposed): PEFT wants to be told, else it warns and sets it itself
+    transposed = any(isinstance(m, Conv1D) for m in model.modules())
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=list(targets), bias="none", fan_in_fan_out=transposed)
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:
