@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,19 @@ def test_max_length_beyond_the_context_exit_2(tiny_gpt2_dir, tmp_path):
                "data.max_length=100000", f"output_dir={tmp_path / 'run'}")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
         "alignkit sft: error: data.max_length=100000 is more than the model's context (512 positions); lower it")
+
+
+def test_readme_python_example_runs(tiny_llama_dir, sft_files, tmp_path, monkeypatch):
+    """The README's "From Python" block, run as written on a tiny model: it trains and returns the model's directory."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    train, evalf = sft_files
+    (tmp_path / "my.yaml").write_text(
+        f"model: {{path: {tiny_llama_dir}}}\ndata: {{train: {train}, eval: {evalf}, max_length: 64}}\n"
+        "train: {max_steps: 2, batch_size: 8, report_to: []}\noutput_dir: run\n")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(textwrap.dedent(block), "README.md", "exec"), scope)
+    assert scope["model_dir"] == Path("run/model") and (tmp_path / "run/model/config.json").exists()
