@@ -45,10 +45,6 @@ def check_interval(name: str, value: float, low: float | None, high: float | Non
         raise UserError(f"{name} must be in {lo}, {hi}, got {value}")
 
 
-def field_help(cls: type, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Override:
     """A scalar `key=value` of the command line, or a plain scalar of a config file that YAML reads as a number or

@@ -70,18 +70,6 @@ def calibration(prob: torch.Tensor, label: torch.Tensor, bins: int = 10) -> dict
     return {"log_loss": float(log_loss), "brier": float(brier), "ece": ece_of(table), "reliability": table}
 
 
-def expected_calibration_error(delta: torch.Tensor, label: torch.Tensor, bins: int = 10) -> float:
-    """ECE of the predicted preference p = sigmoid(r_w - r_l) (Naeini et al. 2015; Guo et al. 2017).
-
-        conf_m = max(p_m, 1 - p_m),  hit_m = y_m if p_m > 1/2, 1 - y_m if p_m < 1/2, 1/2 if p_m = 1/2
-        ECE = sum_b (n_b / M) |mean_{m in b} hit_m - mean_{m in b} conf_m|
-
-    over `bins` equal-width bins of confidence on [1/2, 1]. `label` y is 1 for a hard preference
-    (chosen won) or the probability that chosen is preferred; a hit is then the expected agreement.
-    """
-    return ece_of(reliability(torch.sigmoid(delta.double()), label, bins))
-
-
 def comparison_metrics(delta: torch.Tensor, label: torch.Tensor | None = None, bins: int = 10) -> dict:
     """accuracy, log_loss, brier and ece of comparisons with d = r_w - r_l (M,) and labels y (default 1),
     plus the reliability table of p = sigmoid(d).
