@@ -293,13 +293,18 @@ def saved_config(path: str | Path) -> dict:
         return {}
 
 
-def save_config(config: dict, path: str | Path) -> None:
+def save_config(config: dict, path: str | Path, fixed: tuple[str, ...] = ()) -> None:
     """Write a run's config (`to_dict` of it) as YAML, atomically. A resumed run overwrites its earlier
     config: the settings that changed are logged as a warning first (continuing with, say, another
-    learning rate or batch size is allowed)."""
+    learning rate is allowed); a change of one of the `fixed` keys is a UserError, and the file is kept."""
     path = Path(path)
     if path.exists():
         old, new = saved_config(path), flatten(config)
+        frozen = [k for k in fixed if k in old and k in new and old[k] != new[k]]
+        if frozen:
+            raise UserError(f"{frozen[0]}: {old[frozen[0]]!r} in the run being resumed ({path}), {new[frozen[0]]!r} "
+                            "now; a resumed run keeps it (it sets which data each step sees): change it back, or "
+                            "start a new output_dir")
         changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k] and k != "train.resume"]
         if changed:
             logging.getLogger(__name__).warning("%s: continuing with changed settings: %s", path, "; ".join(changed))

@@ -137,6 +137,12 @@ def test_cached_reference_equals_live(tmp_path, lora):
     again = copy.deepcopy(rows)
     cache_reference(None, None, {"train": again}, tmp_path / "ref.pt", "tiny", 4, "cpu")
     assert [r["ref"] for r in again] == [r["ref"] for r in cached_rows]
+    # a cache file cut short (a full disk) is computed again, with a warning (it was a traceback)
+    (tmp_path / "ref.pt").write_bytes((tmp_path / "ref.pt").read_bytes()[:200])
+    again = copy.deepcopy(rows)
+    cache_reference(policy, _spec_algorithm("dpo", tok, Reference()), {"train": again}, tmp_path / "ref.pt",
+                    "tiny", 4, "cpu")
+    assert len(again[0]["ref"]) == len(cached_rows[0]["ref"])
 
 
 def test_accumulation_matches_one_batch(tmp_path):

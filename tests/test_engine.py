@@ -314,3 +314,61 @@ def test_damaged_checkpoints(tmp_path):
     with pytest.raises(UserError, match=r"step-2: cannot resume from this checkpoint \(SafetensorError: .*\); "
                                         "delete it to resume from the one before"):
         fit(True)
+
+
+def _fit(run, rows, pad_id, model=None, desc="train", **cfg):
+    """One Engine.fit of a tiny Llama on `rows` into `run` (seeded; fp32; a checkpoint after every step)."""
+    cfg = {"batch_size": 4, "micro_batch_size": 4, "max_steps": 3, "save_every": 1, "report_to": [],
+           "precision": "fp32", **cfg}
+    return Engine(TrainConfig(**cfg), run).fit(model or tiny_llama(seed=3), SFT(pad_id), rows, desc=desc,
+                                               config={"train": cfg})
+
+
+def test_resume_refuses_checkpoints_that_do_not_fit_the_run(tmp_path):
+    """A checkpoint past the new last step was resumed, and the later model saved as the shorter run's; a LoRA
+    rank changed on resume was called a damaged checkpoint ('delete it'); another stage's checkpoint was resumed;
+    a finished run without checkpoints trained again from scratch."""
+    from alignkit.models.load import LoraConfig, add_lora
+
+    tok, rows = _sft_rows(tmp_path, n=16)
+    run = tmp_path / "run"
+    _fit(run, rows, tok.pad_token_id, max_steps=4)  # checkpoints step-1 .. step-3
+    with pytest.raises(UserError, match=r"step-3 is step 3, past the run's last step 2 \(train.max_steps\)"):
+        _fit(run, rows, tok.pad_token_id, max_steps=2, resume=True)
+    with pytest.raises(UserError, match=r"step-3 is a checkpoint of a 'train' run, not 'dpo'; pick another"):
+        _fit(run, rows, tok.pad_token_id, max_steps=4, resume=True, desc="dpo")
+    with pytest.raises(UserError, match=r"train.batch_size: 4 in the run being resumed .*, 8 now; a resumed run "
+                                        "keeps it"):  # step 4 of batch 8 skipped rows 12-16 of the epoch
+        _fit(run, rows, tok.pad_token_id, max_steps=4, batch_size=8, micro_batch_size=8, resume=True)
+    lora = tmp_path / "lora"
+    _fit(lora, rows, tok.pad_token_id, add_lora(tiny_llama(seed=3), LoraConfig(r=4)))
+    with pytest.raises(UserError, match=r"step-2: checkpoint does not match the model \('.*lora_A.*' is \(4, \d+\) "
+                                        r"there, \(8, \d+\) here\); check lora/model"):
+        _fit(lora, rows, tok.pad_token_id, add_lora(tiny_llama(seed=3), LoraConfig(r=8)), resume=True)
+    (tmp_path / "done" / "model").mkdir(parents=True)  # a finished run of save_every=0
+    with pytest.raises(UserError, match="holds a finished model and no checkpoint to continue from"):
+        _fit(tmp_path / "done", rows, tok.pad_token_id, resume=True)
+
+
+def test_training_clears_an_earlier_finish_and_killed_saves(tmp_path, monkeypatch, caplog):
+    """A finished run resumed for more steps and killed kept the first finish's model/ (and, with LoRA, an adapter/
+    of the new run beside it), the temp dirs of a killed save stayed forever, and a torn line in metrics.jsonl made
+    the resume a JSON traceback."""
+    tok, rows = _sft_rows(tmp_path, n=16)
+    run = tmp_path / "run"
+    _fit(run, rows, tok.pad_token_id)
+    for name in ("model", "adapter", ".model.tmp-x1", ".adapter.tmp-x2", "checkpoints/.tmp-step-9"):
+        (run / name).mkdir(parents=True)  # a finished run's outputs, and what killed saves leave
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('\n{"step": 3, "lo')  # a blank line, and a line cut short
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "train_step", killed)
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+        _fit(run, rows, tok.pad_token_id, max_steps=4, resume=True)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert "metrics.jsonl: dropped 1 unreadable line(s) (first: line 5)" in caplog.text
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -116,6 +116,19 @@ def test_save_full_model_round_trip(tiny_gpt2_dir, tmp_path):
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def test_an_interrupted_save_leaves_no_temp_dir(tiny_gpt2_dir, tmp_path):
+    """Ctrl-C while the model was written left its partial temp dir (.model.tmp-*) behind for good."""
+    tok = load_tokenizer(tiny_gpt2_dir)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    tok.save_pretrained = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        save_model(load_causal_lm(ModelConfig(path=tiny_gpt2_dir)), tok, tmp_path / "run")
+    assert list((tmp_path / "run").iterdir()) == []
+
+
 def test_weights_stamp_changes_when_a_model_is_rewritten_at_its_path(tmp_path):
     """DPO's reference log-prob cache is keyed on it: a path alone reused the old model's log-probs."""
     import shutil

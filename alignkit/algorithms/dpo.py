@@ -286,7 +286,8 @@ def _final_kl(cfg: DPOConfig, model, reference: Reference, tokenizer, prompts: l
 def run_dpo(cfg: DPOConfig) -> Path:
     """Train with the configured preference loss and save; returns `output_dir/model`."""
     out = Path(cfg.output_dir)
-    engine = Engine(cfg.train, out)  # validates batch sizes before anything is read or written
+    # validates batch sizes before anything is read or written
+    engine = Engine(cfg.train, out, results=("kl.json",))
     check_output_dir(out, cfg.train.resume)
     acc = engine.accelerator
     acc.wait_for_everyone()

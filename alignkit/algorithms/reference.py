@@ -131,7 +131,12 @@ def cache_reference(policy, algorithm, splits: dict[str, list[dict]], path: Path
     The file maps split name -> {fingerprint, logps (R, S)}; it is (re)written when `write` (pass
     True on the main process only).
     """
-    stored = torch.load(path, weights_only=True) if path.is_file() else {}
+    stored = {}
+    if path.is_file():
+        try:
+            stored = torch.load(path, weights_only=True)
+        except Exception as e:  # a file cut short (a full disk) or not ours: a cache, so compute it again
+            log.warning("%s: unreadable (%s); computing the reference log-probs again", path, type(e).__name__)
     for name, rows in splits.items():
         key = fingerprint(rows, reference_id)
         entry = stored.get(name)

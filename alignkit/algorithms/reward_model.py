@@ -226,7 +226,8 @@ def _finish(cfg: RewardModelConfig, model, tokenizer, algorithm, groups, eval_pa
 def run_rm(cfg: RewardModelConfig) -> Path:
     """Train, evaluate, normalise and save; returns the reward model directory (`output_dir/model`)."""
     out = Path(cfg.output_dir)
-    engine = Engine(cfg.train, out)  # validates batch sizes before anything is read or written
+    # validates batch sizes before anything is read or written
+    engine = Engine(cfg.train, out, results=("eval.json",))
     check_output_dir(out, cfg.train.resume)
     engine.accelerator.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.model.path)

@@ -48,10 +48,10 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, keep: int,
+def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, keep: int, stage: str,
                     extra: dict | None = None) -> Path:
-    """Write the checkpoint of `step`; `extra` (JSON-able, e.g. an RL algorithm's adaptive beta) is stored in
-    its `state.json` and handed back by `load_checkpoint`."""
+    """Write the checkpoint of `step` of a `stage` run (its name, e.g. "sft"); `extra` (JSON-able, e.g. an RL
+    algorithm's adaptive beta) is stored in its `state.json` and handed back by `load_checkpoint`."""
     root = Path(run_dir) / "checkpoints"
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     if accelerator.is_main_process:
@@ -65,7 +65,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "num_processes": accelerator.num_processes, "extra": extra or {}}
+        state = {"step": step, "stage": stage, "num_processes": accelerator.num_processes, "extra": extra or {}}
         (tmp / "state.json").write_text(json.dumps(state))
         if final.exists():  # a step-N without state.json (not a checkpoint: never loaded) is replaced
             shutil.rmtree(final)
@@ -76,11 +76,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
     return final
 
 
-def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore everything saved by `save_checkpoint`; returns the step to continue from and the `extra` state.
-    A damaged checkpoint (a file truncated or missing, e.g. after a full disk) is a one-line error."""
+def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler, stage: str) -> tuple[int, dict]:
+    """Restore everything saved by `save_checkpoint` into a `stage` run; returns the step to continue from and the
+    `extra` state. A damaged checkpoint (a file truncated or missing, e.g. after a full disk) is a one-line error."""
     try:
-        return _load(accelerator, ckpt, model, optimizer, scheduler)
+        return _load(accelerator, ckpt, model, optimizer, scheduler, stage)
     except UserError:
         raise
     except Exception as e:  # json, safetensors, pickle and file errors alike
@@ -89,8 +89,10 @@ def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> tup
                         "before") from None
 
 
-def _load(accelerator, ckpt: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+def _load(accelerator, ckpt: Path, model, optimizer, scheduler, stage: str) -> tuple[int, dict]:
     state = json.loads((ckpt / "state.json").read_text())
+    if state.get("stage", stage) != stage:
+        raise UserError(f"{ckpt} is a checkpoint of a '{state['stage']}' run, not '{stage}'; pick another output_dir")
     if state["num_processes"] != accelerator.num_processes:
         raise UserError(
             f"{ckpt} was written by {state['num_processes']} process(es); resume with the same number "
@@ -101,6 +103,10 @@ def _load(accelerator, ckpt: Path, model, optimizer, scheduler) -> tuple[int, di
     missing = {n for n, p in params.items() if p.requires_grad} ^ set(weights)
     if missing:
         raise UserError(f"{ckpt}: checkpoint does not match the model (e.g. '{sorted(missing)[0]}'); check lora/model")
+    for name, value in sorted(weights.items()):
+        if value.shape != params[name].shape:
+            raise UserError(f"{ckpt}: checkpoint does not match the model ('{name}' is {tuple(value.shape)} there, "
+                            f"{tuple(params[name].shape)} here); check lora/model")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from tqdm.auto import tqdm
 
 from alignkit.data.jsonl import atomic_open, finite_json
 from alignkit.errors import UserError
+
+log = logging.getLogger(__name__)
 
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -45,11 +48,30 @@ class RunLogger:
         self.acc = accelerator
         self.path = Path(run_dir) / "metrics.jsonl"
         if accelerator.is_main_process and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= start_step]
+            kept = [line for line in self._lines() if json.loads(line).get("step", 0) <= start_step]
             with atomic_open(self.path) as f:
                 f.write("".join(line + "\n" for line in kept))
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not accelerator.is_main_process)
         self.t_last, self.tokens = time.perf_counter(), 0
+
+    def _lines(self) -> list[str]:
+        """The file's JSON lines; blank lines and lines that do not parse (a write cut short by a full disk or a
+        crash) are dropped, with a warning."""
+        good, bad = [], []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict):
+                good.append(line)
+            else:
+                bad.append(number)
+        if bad:
+            log.warning("%s: dropped %d unreadable line(s) (first: line %d)", self.path, len(bad), bad[0])
+        return good
 
     def count_tokens(self, n: int) -> None:
         self.tokens += n

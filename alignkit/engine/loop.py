@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -33,6 +34,11 @@ from alignkit.errors import UserError
 from alignkit.models.load import cpu_processes
 
 log = logging.getLogger(__name__)
+
+
+# The settings that place a step in the data (the batches of an epoch, the prompts of an RL step follow from the
+# step number, the seed and these): a resumed run keeps them, or it would skip or repeat rows.
+POSITION_KEYS = ("train.batch_size", "train.seed", "online.prompts_per_step")
 
 
 def resolve_precision(name: str) -> str:
@@ -59,9 +65,14 @@ def chunks(rows: list, size: int) -> list[list]:
 
 
 class Engine:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path):
+    """`results`: the files a stage writes into the run directory after training, besides `model/` and `adapter/`
+    (e.g. a reward model's eval.json). All of them are removed when training starts, so that a run killed after a
+    resume never shows the results of the run it resumed."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, results: tuple[str, ...] = ()):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.results = ("model", "adapter", *results)
         trackers = resolve_trackers(cfg.report_to)
         AcceleratorState._reset_state()  # each engine its own precision (accelerate keeps one per process)
         self.accelerator = Accelerator(
@@ -169,12 +180,22 @@ class Engine:
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
         return optimizer, scheduler
 
-    def resume(self, model, optimizer, scheduler) -> tuple[int, dict]:
-        """With `train.resume`, restore the latest checkpoint: (its step, its extra state); else (0, {})."""
-        ckpts = checkpoint_dirs(self.run_dir)
-        if not (self.cfg.resume and ckpts):
+    def resume(self, model, optimizer, scheduler, stage: str, last: int, last_key: str) -> tuple[int, dict]:
+        """With `train.resume`, restore the latest checkpoint of this `stage`'s run: (its step, its extra state);
+        else (0, {}). `last` is the run's last step, set by the config key `last_key`."""
+        if not self.cfg.resume:
             return 0, {}
-        step, extra = load_checkpoint(self.accelerator, ckpts[-1], model, optimizer, scheduler)
+        ckpts = checkpoint_dirs(self.run_dir)
+        if not ckpts:
+            if (self.run_dir / "model").exists():
+                raise UserError(f"train.resume: {self.run_dir} holds a finished model and no checkpoint to continue "
+                                "from (train.save_every was 0); pick another output_dir")
+            log.info("train.resume: no checkpoint in %s yet; starting from step 0", self.run_dir)
+            return 0, {}
+        step, extra = load_checkpoint(self.accelerator, ckpts[-1], model, optimizer, scheduler, stage)
+        if step > last:
+            raise UserError(f"{ckpts[-1]} is step {step}, past the run's last step {last} ({last_key}); set it to "
+                            f"{step} or more, or pick another output_dir")
         self._config_hyperparameters(optimizer, scheduler)
         log.info("resumed from %s (step %d)", ckpts[-1], step)
         return step, extra
@@ -190,12 +211,21 @@ class Engine:
         scheduler.last_epoch -= 1
         scheduler.step()  # the current step's learning rate from the new base
 
-    def begin(self, config: dict | None) -> None:
-        """Once the run can start (a checkpoint to resume from has loaded): write the run's `config.yaml`
-        and start the trackers (TensorBoard: run_dir/alignkit)."""
+    def begin(self, config: dict | None, resumed: bool) -> None:
+        """Once the run can start (a checkpoint to resume from has loaded, if `resumed`): write the run's
+        `config.yaml` (a resumed run may not change `POSITION_KEYS`), remove the results of an earlier finish and
+        what a killed save left (temp dirs), and start the trackers (TensorBoard: run_dir/alignkit)."""
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config or {}, self.run_dir / "config.yaml")
+            save_config(config or {}, self.run_dir / "config.yaml", POSITION_KEYS if resumed else ())
+            leftovers = [*self.run_dir.glob(".*.tmp-*"), *self.run_dir.glob(".*.old"),
+                         *self.run_dir.glob("checkpoints/.tmp-step-*")]
+            for path in [self.run_dir / name for name in self.results] + leftovers:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        self.accelerator.wait_for_everyone()
         self.accelerator.init_trackers("alignkit", config=_flat(config or {}))
 
     def steps_per_epoch(self, n_rows: int) -> int:
@@ -214,8 +244,9 @@ class Engine:
         model.train()
         optimizer, scheduler = self.make_optimizer(model, total)
         model, optimizer = acc.prepare(model, optimizer)
-        start, _ = self.resume(model, optimizer, scheduler)
-        self.begin(config)
+        start, _ = self.resume(model, optimizer, scheduler, desc, total,
+                               "train.max_steps" if cfg.max_steps else "train.epochs x steps per epoch")
+        self.begin(config, resumed=start > 0)
         with RunLogger(acc, self.run_dir, total, start, desc) as logger:
             eval_metrics = {}
             for step in range(start + 1, total + 1):
@@ -229,7 +260,7 @@ class Engine:
                     eval_metrics = self.evaluate(model, algorithm, eval_rows)
                     logger.log(step, eval_metrics)
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    save_checkpoint(acc, self.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints)
+                    save_checkpoint(acc, self.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints, desc)
                 logger.advance()
         return acc.unwrap_model(model), eval_metrics
 

@@ -100,10 +100,10 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
     updates = online.steps * online.epochs * online.rollout_size // cfg.batch_size  # optimiser steps in the run
     optimizer, scheduler = engine.make_optimizer(model, updates)
     model, optimizer = acc.prepare(model, optimizer)
-    start, state = engine.resume(model, optimizer, scheduler)
+    start, state = engine.resume(model, optimizer, scheduler, desc, online.steps, "online.steps")
     if start:
         algorithm.load_state_dict(state)
-    engine.begin(config)
+    engine.begin(config, resumed=start > 0)
     with RunLogger(acc, engine.run_dir, online.steps, start, desc) as logger:
         for step in range(start + 1, online.steps + 1):
             prompts = prompt_batch(prompt_rows, step, online.prompts_per_step, cfg.seed)
@@ -116,7 +116,7 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
             if step % cfg.log_every == 0 or step == online.steps:
                 logger.log(step, metrics)
             if cfg.save_every and step % cfg.save_every == 0 and step < online.steps:
-                save_checkpoint(acc, engine.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints,
+                save_checkpoint(acc, engine.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints, desc,
                                 algorithm.state_dict())
             logger.advance()
     return acc.unwrap_model(model)

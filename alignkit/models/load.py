@@ -251,10 +251,14 @@ def save_model(model, tokenizer, out_dir: str | Path, files: dict[str, dict] | N
         targets["model"] = model
     for name, m in targets.items():
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
-        m.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for file, content in (files or {}).items() if name == "model" else ():
-            write_json(tmp / file, content)
-        make_readable(tmp)
+        try:
+            m.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for file, content in (files or {}).items() if name == "model" else ():
+                write_json(tmp / file, content)
+            make_readable(tmp)
+        except BaseException:  # also Ctrl-C: leave no partial copy behind (a killed one goes when training restarts)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         replace_dir(tmp, out_dir / name)
     return out_dir / "model"
