@@ -372,3 +372,22 @@ def test_training_clears_an_earlier_finish_and_killed_saves(tmp_path, monkeypatc
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert "metrics.jsonl: dropped 1 unreadable line(s) (first: line 5)" in caplog.text
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_checkpoints_keep_the_fp16_loss_scale(tmp_path):
+    """fp16's loss scaler (a GPU's) restarted at its initial scale on resume; here a CPU scaler stands in for it."""
+    from alignkit.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    scales = []
+    for init in (1024.0, 8.0):
+        engine = Engine(TrainConfig(report_to=[], precision="fp32"), tmp_path / "run")
+        engine.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init)
+        model = tiny_llama(seed=3)
+        optimizer, scheduler = engine.make_optimizer(model, 4)
+        if init == 1024.0:
+            save_checkpoint(engine.accelerator, tmp_path / "run", 1, model, optimizer, scheduler, 1, "train")
+        else:
+            load_checkpoint(engine.accelerator, tmp_path / "run/checkpoints/step-1", model, optimizer, scheduler,
+                            "train")
+        scales.append(engine.accelerator.scaler.get_scale())
+    assert scales == [1024.0, 1024.0]

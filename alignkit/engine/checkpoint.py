@@ -1,4 +1,5 @@
-"""Resumable checkpoints: trainable weights, optimiser, scheduler, RNG states and data position.
+"""Resumable checkpoints: trainable weights, optimiser, scheduler, fp16 loss scale and RNG states (the data
+position follows from the step).
 
 A checkpoint is written into `checkpoints/.tmp-step-N` and renamed to `checkpoints/step-N` only once
 every file is on disk, so a run killed at any moment leaves either a whole checkpoint or none.
@@ -63,6 +64,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         save_file(_trainable_state(model), tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None:  # fp16: the loss scale it has found
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "stage": stage, "num_processes": accelerator.num_processes, "extra": extra or {}}
@@ -112,5 +115,7 @@ def _load(accelerator, ckpt: Path, model, optimizer, scheduler, stage: str) -> t
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    if accelerator.scaler is not None and (ckpt / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=False))
     _set_rng_state(torch.load(ckpt / f"rng-{accelerator.process_index}.pt", weights_only=False))
     return int(state["step"]), state.get("extra", {})
