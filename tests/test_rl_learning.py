@@ -29,6 +29,8 @@ from alignkit.rewards.base import CallableReward
 from alignkit.rollout.generate import SamplingConfig
 from alignkit.rollout.rollout import collect_rollout, response_logps, stack_rows
 
+from conftest import write_jsonl
+
 TARGET = "a"
 
 
@@ -326,3 +328,31 @@ def test_a_resumed_adaptive_beta_says_where_it_continues_from(caplog):
         algorithm.load_state_dict({"beta": 0.05})
     assert algorithm.kl_ctl.beta == 0.05
     assert "continuing from the checkpoint's beta 0.05 (kl.beta=0.5 is where a new run starts)" in caplog.text
+
+
+def zero_for_even_items(prompts, completions, item=0, **row_fields):
+    """0 for every completion of a prompt with an even `item` (a group of equal rewards), else the text's length."""
+    return [0.0 if i % 2 == 0 else float(len(c)) for i, c in zip(item, completions)]
+
+
+def test_two_processes_with_a_minibatch_smaller_than_the_processes(tiny_llama_dir, tmp_path):
+    """GRPO dropping a group of equal rewards left a minibatch of one row for two processes: the process with no
+    row ran no backward, and the other waited for its gradients for good."""
+    import socket
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"review item {i}", "item": i} for i in range(8)])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "-m", "alignkit.cli", "grpo", f"model.path={tiny_llama_dir}", f"prompts={prompts}",
+                          "reward.function=test_rl_learning:zero_for_even_items", "sampling.max_new_tokens=6",
+                          "online.steps=4", "online.prompts_per_step=2", "online.group_size=3",
+                          "online.chat_template=false", "train.batch_size=2", "train.micro_batch_size=1",
+                          "pg.drop_equal_groups=true", "train.report_to=[]", f"output_dir={out}"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "model" / "config.json").is_file()

@@ -42,7 +42,7 @@ from alignkit.config import check_interval, option, to_dict
 from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_json
 from alignkit.data.preference_tokens import collate_pairs, collate_sequences, load_pairs, load_unpaired, prompt_ids
 from alignkit.engine.config import TrainConfig
-from alignkit.engine.loop import Engine, add_metrics, total_metrics
+from alignkit.engine.loop import Engine
 from alignkit.errors import UserError
 from alignkit.losses.preference import PREFERENCE_LOSSES, PreferenceLoss
 from alignkit.models.load import (
@@ -121,11 +121,10 @@ class DPOConfig:
 
 
 class _Preference:
-    """What pairs and unpaired rows share: units, reference lookup, held-out metric sums."""
+    """What pairs and unpaired rows share: units, reference lookup, tokens seen."""
 
     def __init__(self, spec: PreferenceLoss, hyper: dict, pad_token_id: int, reference: Reference):
         self.spec, self.hyper, self.pad_id, self.reference = spec, hyper, pad_token_id, reference
-        self._eval_sums: dict[str, list[float]] = {}
 
     def units(self, row) -> int:
         return 1
@@ -137,15 +136,7 @@ class _Preference:
 
     def loss(self, model, batch: dict, normaliser: float):
         loss, metrics = self._loss(model, batch, normaliser)
-        if model.training:
-            metrics["tokens_seen"] = self.tokens(batch)
-        else:  # the engine's evaluation: keep the metrics too (each is a sum / normaliser)
-            add_metrics(self._eval_sums, metrics)
-        return loss, metrics
-
-    def eval_metrics(self, mean_loss: float) -> dict:
-        out, self._eval_sums = total_metrics(self._eval_sums), {}
-        return out
+        return loss, {**metrics, "tokens_seen": self.tokens(batch)}
 
 
 class PairPreference(_Preference):

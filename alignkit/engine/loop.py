@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import get_scheduler
 
 from alignkit.config import flatten, save_config
@@ -75,9 +75,12 @@ class Engine:
         self.results = ("model", "adapter", *results)
         trackers = resolve_trackers(cfg.report_to)
         AcceleratorState._reset_state()  # each engine its own precision (accelerate keeps one per process)
+        # No buffer broadcast at each DDP forward: our models' buffers (rotary frequencies, position ids) never change,
+        # and the broadcast is a collective, so processes that run different numbers of forwards (an evaluation share
+        # left empty, a reward model's forward chunks) waited on each other for good.
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(cfg.precision), log_with=trackers or None, project_dir=self.run_dir,
-            cpu=cpu_processes(),
+            cpu=cpu_processes(), kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
         world = self.accelerator.num_processes
         if cfg.batch_size % (cfg.micro_batch_size * world):
@@ -104,22 +107,40 @@ class Engine:
     def accumulate(self, model, algorithm, rows: list) -> tuple[torch.Tensor, dict]:
         """Forward and backward over this process's micro-batches of the global batch `rows`.
 
-        Gradients are left in `.grad`; returns the global mean loss and the summed metrics. A metric given as
-        a tuple (numerator, denominator) is logged as the sum of numerators over the sum of denominators.
+        Gradients are left in `.grad`; returns the global mean loss and the metrics of all processes
+        (`combined`). A process whose share is empty (a batch of fewer rows than processes, e.g. after GRPO
+        dropped groups) runs one row at weight 0, so that it joins the gradient all-reduce.
         """
         acc = self.accelerator
         normaliser = max(sum(algorithm.units(r) for r in rows), 1) / acc.num_processes
-        micro = chunks(self._my_rows(rows), self.cfg.micro_batch_size)
+        mine = self._my_rows(rows)
+        micro = chunks(mine or rows[:1], self.cfg.micro_batch_size)
         total, metrics = torch.zeros((), device=acc.device), {}
         for j, part in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in algorithm.prepare(part).items()}
             sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
             with sync, acc.autocast():
                 loss, m = algorithm.loss(model, batch, normaliser)
+                loss = loss if mine else loss * 0.0
                 acc.backward(loss)
             total += loss.detach()
-            add_metrics(metrics, m)
-        return acc.reduce(total, "mean"), total_metrics(metrics)
+            if mine:
+                add_metrics(metrics, m)
+        return acc.reduce(total, "mean"), self.combined(metrics)
+
+    def combined(self, sums: dict) -> dict:
+        """The metrics of `add_metrics`' sums over every process: a (numerator, denominator) metric sums both
+        parts, `tokens_seen` adds up, and any other number, a sum over a process's rows divided by its share
+        of the global normaliser, is averaged over the processes."""
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            parts: list = [None] * acc.num_processes
+            torch.distributed.all_gather_object(parts, sums)
+            sums = {}
+            for part in parts:
+                add_metrics(sums, {k: tuple(v) if len(v) == 2 else v[0] for k, v in part.items()})
+            sums = {k: v if len(v) == 2 or k == "tokens_seen" else [v[0] / acc.num_processes] for k, v in sums.items()}
+        return total_metrics(sums)
 
     def train_step(self, model, algorithm, rows, optimizer, scheduler) -> dict:
         loss, metrics = self.accumulate(model, algorithm, rows)
@@ -145,14 +166,16 @@ class Engine:
         was_training = model.training
         model.eval()
         normaliser = max(sum(algorithm.units(r) for r in rows), 1) / self.accelerator.num_processes
-        total = torch.zeros((), device=self.accelerator.device)
+        total, sums = torch.zeros((), device=self.accelerator.device), {}
         for part in chunks(self._my_rows(rows), self.cfg.micro_batch_size):
             batch = {k: v.to(self.accelerator.device) for k, v in algorithm.prepare(part).items()}
             with self.accelerator.autocast():
-                total += algorithm.loss(model, batch, normaliser)[0].float()
+                loss, metrics = algorithm.loss(model, batch, normaliser)
+            total += loss.float()
+            add_metrics(sums, {k: v for k, v in metrics.items() if k != "tokens_seen"})
         model.train(was_training)
         mean = self.accelerator.reduce(total, "mean").item()
-        extra = algorithm.eval_metrics(mean) if hasattr(algorithm, "eval_metrics") else {}
+        extra = {**self.combined(sums), **(algorithm.eval_metrics(mean) if hasattr(algorithm, "eval_metrics") else {})}
         return {"eval/loss": mean, **{f"eval/{k}": v for k, v in extra.items()}}
 
     # ---- the whole run --------------------------------------------------------------------------
