@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 from typing import Sequence
 
@@ -38,7 +37,8 @@ from alignkit.config import option
 from alignkit.data.constitution import Principle, load_constitution, sample_principles
 from alignkit.data.jsonl import check_io, iter_rows, write_json, write_jsonl
 from alignkit.data.preferences import (
-    carried_fields, gold_scores, prompt_fields, prompt_of, read_completion_sets, read_pairs, set_prompt_ids,
+    carried_fields, distinct_pairs, gold_scores, prompt_fields, prompt_of, read_completion_sets, read_pairs,
+    set_prompt_ids,
 )
 from alignkit.errors import UserError
 from alignkit.eval.reward import gold_agreement
@@ -182,9 +182,7 @@ def pairs_to_judge(path: str) -> list[tuple[dict, str, str]]:
     rows = read_completion_sets(path)
     for row, pid in zip(rows, set_prompt_ids(rows, path)):
         extra, gold = carried_fields(row), gold_scores(row)
-        for i, j in combinations(range(len(row["completions"])), 2):
-            if row["completions"][i] == row["completions"][j]:
-                continue
+        for i, j in distinct_pairs(row):
             base = {**prompt_fields(row), **extra, "prompt_id": pid, "id": f"{pid}:{i}-{j}"}
             if gold:
                 base.update(chosen_gold=gold[i], rejected_gold=gold[j])

@@ -249,6 +249,12 @@ def set_prompt_ids(rows: Sequence[dict], where: str) -> list:
     return ids
 
 
+def distinct_pairs(row: dict) -> list[tuple[int, int]]:
+    """(a, b) completion indices, a < b, of every two completions of a set with different texts."""
+    texts = row["completions"]
+    return [(a, b) for a, b in combinations(range(len(texts)), 2) if texts[a] != texts[b]]
+
+
 def ranked_pairs(row: dict) -> list[tuple[int, int]]:
     """(winner, loser) completion indices of every comparison a ranking makes: tied pairs and pairs of
     completions with the same text are left out."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +32,7 @@ import numpy as np
 from alignkit.config import option
 from alignkit.data.jsonl import check_io, write_json, write_jsonl
 from alignkit.data.preferences import (
-    carried_fields, prompt_fields, prompt_of, ranked_pairs, read_completion_sets, set_prompt_ids,
+    carried_fields, distinct_pairs, prompt_fields, prompt_of, ranked_pairs, read_completion_sets, set_prompt_ids,
 )
 from alignkit.errors import UserError
 from alignkit.rewards.base import checked_scores, row_fields
@@ -97,7 +96,7 @@ def label_pairs(rows: list[dict], gold: list[list[float]], tau: float, seed: int
     pairs = []
     for row, g, pid in zip(rows, gold, set_prompt_ids(rows, where)):
         extra = carried_fields(row)
-        for a, b in _distinct_pairs(row):
+        for a, b in distinct_pairs(row):
             w, l = plackett_luce_order(np.array([g[a], g[b]]), tau, rng)
             w, l = (a, b)[w], (a, b)[l]
             pairs.append({**prompt_fields(row), "chosen": row["completions"][w], "rejected": row["completions"][l],
@@ -145,14 +144,9 @@ def simulate(rows: list[dict], gold: list[list[float]], mode: str, tau: float, s
     return out, label_report(gaps, tau, judge_name, seed)
 
 
-def _distinct_pairs(row: dict) -> list[tuple[int, int]]:
-    texts = row["completions"]
-    return [(a, b) for a, b in combinations(range(len(texts)), 2) if texts[a] != texts[b]]
-
-
 def pair_gaps(rows: list[dict], gold: list[list[float]]) -> list[float]:
     """g(a) - g(b) for every pair of completions with different texts within each set."""
-    return [g[a] - g[b] for row, g in zip(rows, gold) for a, b in _distinct_pairs(row)]
+    return [g[a] - g[b] for row, g in zip(rows, gold) for a, b in distinct_pairs(row)]
 
 
 @dataclass(frozen=True)
