@@ -65,8 +65,11 @@ class _Loader(yaml.SafeLoader):
 
 
 def _with_text(construct):
-    return lambda loader, node: _Override(node.value, construct(loader, node)) if node.style is None else \
-        construct(loader, node)
+    def construct_keeping_text(loader, node):
+        value = construct(loader, node)
+        return _Override(node.value, value) if node.style is None else value  # style None: a plain (unquoted) scalar
+
+    return construct_keeping_text
 
 
 for _tag in ("int", "float", "bool"):

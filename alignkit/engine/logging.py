@@ -48,15 +48,15 @@ class RunLogger:
         self.acc = accelerator
         self.path = Path(run_dir) / "metrics.jsonl"
         if accelerator.is_main_process and self.path.exists():
-            kept = [line for line in self._lines() if json.loads(line).get("step", 0) <= start_step]
+            kept = [line for line, row in self._rows() if row.get("step", 0) <= start_step]
             with atomic_open(self.path) as f:
                 f.write("".join(line + "\n" for line in kept))
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not accelerator.is_main_process)
         self.t_last, self.tokens = time.perf_counter(), 0
 
-    def _lines(self) -> list[str]:
-        """The file's JSON lines; blank lines and lines that do not parse (a write cut short by a full disk or a
-        crash) are dropped, with a warning."""
+    def _rows(self) -> list[tuple[str, dict]]:
+        """(line, parsed row) of the file's JSON lines; blank lines and lines that do not parse (a write cut short
+        by a full disk or a crash) are dropped, with a warning."""
         good, bad = [], []
         for number, line in enumerate(self.path.read_text().splitlines(), 1):
             if not line.strip():
@@ -66,7 +66,7 @@ class RunLogger:
             except ValueError:
                 row = None
             if isinstance(row, dict):
-                good.append(line)
+                good.append((line, row))
             else:
                 bad.append(number)
         if bad:
