@@ -336,6 +336,24 @@ def test_ai_judge_reward_source_and_win_rate(judge):
     assert result["stderr"] == pytest.approx(0.5 / math.sqrt(2))
 
 
+def test_a_tie_of_the_judge_is_half_a_win():
+    """p_ab == p_ba is a tie; float rounding made a quarter of them P = 0.49999997, a loss. Ties also leave the
+    standard error (of scores 0, 1/2, 1) below the binomial one."""
+    from alignkit.feedback.ai_judge import Comparison
+
+    q = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    assert (Comparison(q, q).prob == 0.5).all()
+    tied = Comparison(torch.tensor([0.3, 0.6, 0.8]), torch.tensor([0.3, 0.6, 0.2]))
+
+    class Judge:
+        def compare(self, *args):
+            return tied
+
+    result = win_rate(Judge(), ["p"] * 3, ["a"] * 3, ["b"] * 3, "?")
+    assert result["win_rate"] == pytest.approx(2 / 3)  # two ties (1/2 each) and a win
+    assert result["stderr"] == pytest.approx(math.sqrt((2 * (1 / 6) ** 2 + (1 / 3) ** 2) / 3 / 3))
+
+
 def test_best_of_n_loads_the_ai_judge(tiny_llama_dir):
     from alignkit.algorithms.best_of_n import load_reward
 

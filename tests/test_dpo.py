@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alignkit.algorithms.dpo import DPOConfig, DPODataConfig, KLEvalConfig, PairPreference, run_dpo
+from alignkit.algorithms.dpo import DPOConfig, DPODataConfig, KLEvalConfig, PairPreference, UnpairedPreference, run_dpo
 from alignkit.errors import UserError
 from alignkit.algorithms.policy_kl import policy_kl
 from alignkit.algorithms.reference import Reference, cache_reference, pair_logps, sequence_logps
@@ -160,6 +160,30 @@ def test_accumulation_matches_one_batch(tmp_path):
         engine.accumulate(model, _spec_algorithm("ipo", tok, Reference()), rows)
         grads.append(model.lm_head.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_kto_reference_point_is_the_whole_batchs(tmp_path):
+    """KTO's reference point (the mean KL of the mismatched pairs) was each micro-batch's own: gradients
+    depended on the split. It is now the global batch's, so accumulation gives the gradient of one batch."""
+    tok = tiny_tokenizer()
+    rows = load_unpaired(str(write_jsonl(tmp_path / "p.jsonl", make_pairs(4))), tok, 64)  # 8 unpaired rows
+    reference = tiny_llama(seed=3).eval()
+    with torch.no_grad():  # a sharper, random reference: the policy's log-probs are higher, the KL positive
+        reference.lm_head.weight.add_(torch.randn(reference.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    cfg = DPOConfig(loss="kto")
+    grads, kls = [], []
+    for micro in (2, 8):
+        engine = Engine(TrainConfig(batch_size=8, micro_batch_size=micro, report_to=[], precision="fp32"),
+                        tmp_path / f"a{micro}")
+        model = tiny_llama(seed=3).train()
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.3 * torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+        algorithm = UnpairedPreference(cfg.spec, cfg.hyper, tok.pad_token_id, Reference(reference))
+        _, metrics = engine.accumulate(model, algorithm, rows)
+        grads.append(model.lm_head.weight.grad.clone())
+        kls.append(metrics["kl"])
+    assert kls[0] > 0 and kls[0] == pytest.approx(kls[1], abs=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def _run(tmp_path, files, loss, lora=0, steps=12, **kw):

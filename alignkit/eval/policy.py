@@ -67,5 +67,6 @@ def kl_metrics(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> tuple[dic
 
 
 def perplexity(logps: torch.Tensor, tokens: torch.Tensor) -> float:
-    """exp(-sum log p / sum tokens) over all sequences."""
-    return math.exp(-float(logps.sum()) / max(float(tokens.sum()), 1.0))
+    """exp(-sum log p / sum tokens) over all sequences; nan without tokens (every completion empty)."""
+    n = float(tokens.sum())
+    return math.exp(-float(logps.sum()) / n) if n else float("nan")

@@ -37,7 +37,9 @@ def reliability(prob: torch.Tensor, label: torch.Tensor, bins: int = 10) -> dict
     top = (p == conf[:, None]).double()  # (N, C) the predicted class, or the classes tied for it
     hit = (q * top).sum(-1) / top.sum(-1)
     low = 1.0 / p.shape[-1]
-    index = ((conf - low) / (1 - low) * bins).long().clamp(0, bins - 1)  # (N,)
+    # bins are right-open, [0.7, 0.75): a confidence within 1e-6 of an edge is on it (0.7 gives 3.999..., and float32
+    # holds 0.65 as 0.6499999762)
+    index = ((conf - low) / (1 - low) * bins + 1e-6).long().clamp(0, bins - 1)  # (N,)
     count = torch.bincount(index, minlength=bins).double()
     conf_sum = torch.bincount(index, weights=conf, minlength=bins)
     hit_sum = torch.bincount(index, weights=hit, minlength=bins)

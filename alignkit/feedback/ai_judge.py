@@ -135,8 +135,9 @@ class Comparison:
 
     @property
     def prob(self) -> torch.Tensor:
-        """(N,) P(a > b) = 1/2 [p_ab + 1 - p_ba]: the position bias cancels."""
-        return 0.5 * (self.p_ab + 1 - self.p_ba)
+        """(N,) P(a > b) = 1/2 [p_ab + 1 - p_ba]: the position bias cancels. Computed as 1/2 + (p_ab - p_ba) / 2,
+        which is exactly 1/2 when p_ab == p_ba (the other order rounded a quarter of such ties below 1/2)."""
+        return 0.5 + 0.5 * (self.p_ab - self.p_ba)
 
     @property
     def same_letter(self) -> torch.Tensor:

@@ -43,14 +43,15 @@ def win_rate(judge: PairwiseJudge, prompts: Sequence, completions: Sequence[str]
              question: str) -> dict:
     """Pairwise win rate of `completions` against `references` (a tie, P = 0.5, counts 1/2).
 
-    Returns {win_rate, stderr (binomial standard error), mean_prob (mean P(win)), same_letter_rate, n}.
+    Returns {win_rate, stderr, mean_prob (mean P(win)), same_letter_rate, n}; stderr = sqrt(mean((w - rate)^2) / n)
+    of the per-pair scores w in {0, 1/2, 1} (without ties, the binomial sqrt(rate (1 - rate) / n)).
     """
     c = judge.compare(prompts, completions, references, [question] * len(completions))
     p = c.prob.double()
     wins = (p > 0.5).double() + 0.5 * (p == 0.5).double()
     n = len(wins)
     rate = float(wins.mean()) if n else float("nan")
-    return {"win_rate": rate, "stderr": math.sqrt(rate * (1 - rate) / n) if n else float("nan"),
+    return {"win_rate": rate, "stderr": math.sqrt(float(((wins - rate) ** 2).mean()) / n) if n else float("nan"),
             "mean_prob": float(p.mean()) if n else float("nan"),
             "same_letter_rate": float(c.same_letter.double().mean()) if n else float("nan"), "n": n}
 
