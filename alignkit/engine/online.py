@@ -86,8 +86,11 @@ def update(engine: Engine, model, algorithm, rows: list, epochs: int, optimizer,
                 totals[k] = totals.get(k, 0.0) + float(v)
             n += 1
     out = {k: v / max(n, 1) for k, v in totals.items()}
-    if algorithm.probe is not None:
-        out["logp_diff_max"] = algorithm.probe
+    if algorithm.probe is not None:  # every process's first minibatch: the max over the processes
+        probe = torch.tensor(algorithm.probe, device=engine.accelerator.device)
+        if engine.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(probe, op=torch.distributed.ReduceOp.MAX)
+        out["logp_diff_max"] = float(probe)
     return out
 
 
