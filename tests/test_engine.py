@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -201,6 +202,22 @@ def test_kill_and_resume_equals_uninterrupted(tiny_llama_dir, sft_files, tmp_pat
     steps = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, 61)), "metrics.jsonl should read as one clean run after resume"
+
+
+def test_a_resumed_run_rewrites_its_tensorboard_steps(tiny_llama_dir, sft_files, tmp_path):
+    """TensorBoard showed the steps logged after the checkpoint twice (the killed run's and the resumed run's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = ["train.max_steps=4", "train.save_every=2", "train.report_to=[tensorboard]"]
+    assert _run(_sft_cmd(tiny_llama_dir, sft_files, out, *args)).returncode == 0
+    shutil.rmtree(out / "model")  # as if killed after logging step 4, before the save (the last checkpoint: 2)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    resumed = _run(_sft_cmd(tiny_llama_dir, sft_files, out, *args, "train.resume=true"))
+    assert resumed.returncode == 0, resumed.stderr
+    events = EventAccumulator(str(out / "alignkit"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
 
 
 def test_failed_resume_keeps_the_run_config(tiny_llama_dir, sft_files, tmp_path):

@@ -254,13 +254,14 @@ class Engine:
         scheduler.last_epoch -= 1
         scheduler.step()  # the current step's learning rate from the new base
 
-    def begin(self, config: dict | None, resumed: bool) -> None:
-        """Once the run can start (a checkpoint to resume from has loaded, if `resumed`): write the run's
+    def begin(self, config: dict | None, start: int) -> None:
+        """Once the run can start (from step `start` + 1; a resumed run's checkpoint has loaded): write the run's
         `config.yaml` (a resumed run may not change `POSITION_KEYS`), remove the results of an earlier finish and
-        what a killed save left (temp dirs), and start the trackers (TensorBoard: run_dir/alignkit)."""
+        what a killed save left (temp dirs), and start the trackers (TensorBoard: run_dir/alignkit, hiding what
+        the run logged after its checkpoint, as metrics.jsonl drops it)."""
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config or {}, self.run_dir / "config.yaml", POSITION_KEYS if resumed else ())
+            save_config(config or {}, self.run_dir / "config.yaml", POSITION_KEYS if start else ())
             leftovers = [*self.run_dir.glob(".*.tmp-*"), *self.run_dir.glob(".*.old"),
                          *self.run_dir.glob("checkpoints/.tmp-step-*")]
             for path in [self.run_dir / name for name in self.results] + leftovers:
@@ -269,7 +270,8 @@ class Engine:
                 elif path.exists():
                     path.unlink()
         self.accelerator.wait_for_everyone()
-        self.accelerator.init_trackers("alignkit", config=_flat(config or {}))
+        self.accelerator.init_trackers("alignkit", config=_flat(config or {}),
+                                       init_kwargs={"tensorboard": {"purge_step": start + 1}} if start else {})
 
     def steps_per_epoch(self, n_rows: int) -> int:
         """Optimiser steps in one pass over `n_rows` training rows; fewer rows than one batch is an error (stages
@@ -289,7 +291,7 @@ class Engine:
         model, optimizer = acc.prepare(model, optimizer)
         start, _ = self.resume(model, optimizer, scheduler, desc, total,
                                "train.max_steps" if cfg.max_steps else "train.epochs x steps per epoch")
-        self.begin(config, resumed=start > 0)
+        self.begin(config, start)
         with RunLogger(acc, self.run_dir, total, start, desc) as logger:
             eval_metrics = {}
             for step in range(start + 1, total + 1):

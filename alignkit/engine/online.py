@@ -106,7 +106,7 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
     start, state = engine.resume(model, optimizer, scheduler, desc, online.steps, "online.steps")
     if start:
         algorithm.load_state_dict(state)
-    engine.begin(config, resumed=start > 0)
+    engine.begin(config, start)
     with RunLogger(acc, engine.run_dir, online.steps, start, desc) as logger:
         for step in range(start + 1, online.steps + 1):
             prompts = prompt_batch(prompt_rows, step, online.prompts_per_step, cfg.seed)
