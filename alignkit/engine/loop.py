@@ -5,7 +5,9 @@ An algorithm is any object with
     units(row) -> int                        loss units in one row (target tokens, pairs, ...)
     prepare(rows) -> dict[str, Tensor]       collate rows into one micro-batch
     loss(model, batch, normaliser) -> (loss, metrics)   summed loss / normaliser
-and optionally `eval_metrics(mean_loss) -> dict`.
+and optionally `eval_metrics(mean_loss) -> dict`, and `batch_inputs(model, micro_batches) -> dict[str, Tensor]`:
+per-row values (no gradient) that every micro-batch's loss reads for the whole global batch, joined over the
+micro-batches and processes and added to each batch (KTO's reference point is their mean).
 
 Normalisation: the loss of every micro-batch is divided by the number of units in the whole global
 batch (divided by the number of processes, because DDP averages gradients). So 4 micro-batches of 2,
