@@ -257,6 +257,20 @@ def test_kto_rows_pair_each_prompt_with_another_completion(tmp_path):
         load_pairs(str(tmp_path / "u.jsonl"), tok, 64)  # what the paired losses read
 
 
+def test_a_prompt_cut_inside_an_earlier_assistant_turn_leaves_no_completion():
+    """max_length ending inside a message prompt's assistant turn made that turn's fragment the completion: chosen
+    and rejected came out the same text (and a KTO row's label went to it)."""
+    tok = tiny_tokenizer()
+    prompt = [{"role": "user", "content": "summarise the plot"},
+              {"role": "assistant", "content": "the plot follows a young sailor who leaves home and is lost at sea"},
+              {"role": "user", "content": "shorter please"}]
+    whole_prompt, whole = tokenize_completion(prompt, "a sailor is lost", tok, 1 << 30, True)
+    cut = len(whole_prompt) - 24  # inside the earlier assistant turn (the last user turn is 14 tokens)
+    assert tokenize_completion(prompt, "a sailor is lost", tok, cut, True) is None
+    kept = tokenize_completion(prompt, "a sailor is lost", tok, len(whole_prompt) + 2, True)
+    assert kept == (whole_prompt, whole[:2])
+
+
 def test_soft_labels_only_for_losses_that_take_them(tmp_path, tiny_llama_dir):
     from alignkit.errors import UserError
 

@@ -63,18 +63,19 @@ def tokenize_completion(prompt, completion: str, tokenizer, max_length: int, cha
     """(prompt_ids, completion_ids) of one prompt (text or messages) and completion; None if nothing is left.
 
     The completion is the final run of target tokens of `tokenize_sft` (it ends with EOS / the
-    end-of-turn token); the whole sequence is cut to `max_length` from the right.
+    end-of-turn token); the whole sequence is cut to `max_length` from the right. A prompt that fills
+    `max_length` leaves nothing (an earlier assistant turn of a message prompt is not the completion).
     """
     row = ({"messages": [*prompt, {"role": "assistant", "content": completion}]} if not isinstance(prompt, str)
            else {"prompt": prompt, "completion": completion})
-    example = tokenize_sft(row, tokenizer, max_length, chat_template, where=where)
+    example = tokenize_sft(row, tokenizer, 1 << 30, chat_template, where=where)  # whole: the boundary, then the cut
     if example is None:
         return None
     ids, labels = example["input_ids"], example["labels"]
     start = max(i for i, label in enumerate(labels) if label == IGNORE_INDEX) + 1
-    if start >= len(ids):
+    if start >= min(len(ids), max_length):
         return None
-    return ids[:start], ids[start:]
+    return ids[:start], ids[start:max_length]
 
 
 def _warn_dropped(path, dropped: int, total: int, max_length: int) -> None:
