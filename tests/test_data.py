@@ -360,6 +360,36 @@ def test_pack_masks_document_boundaries():
     assert pack([{"input_ids": [1, 2], "labels": [-100, -100]}], 4) == []
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_packed_document_trains_as_it_would_alone(arch):
+    """Packed documents attended to the documents before them in their block (and GPT-2's learned positions
+    ran on across them): a document's per-token losses depended on its neighbours."""
+    from alignkit.algorithms.sft import SFT
+    from alignkit.models.tiny import tiny_gpt2, tiny_llama
+
+    torch.manual_seed(0)
+    model = (tiny_llama if arch == "llama" else tiny_gpt2)().eval()
+    docs = [{"input_ids": ids, "labels": [-100, *ids[1:]]}
+            for ids in (torch.randint(5, 500, (n,)).tolist() for n in (7, 5, 9, 6))]
+    blocks = pack(docs, 16)  # 27 tokens: [7 + 5 + 4 of 9], [5 of 9 + 6], the second block padded
+    assert [b["position_ids"] for b in blocks] == [[*range(7), *range(5), *range(4)], [4, 5, 6, 7, 8, *range(6)]]
+    batch = SFTCollator(0)(blocks)
+    assert batch["position_ids"][1, 11:].tolist() == [0, 1, 2, 3, 4]  # the padding: a sequence of its own
+
+    def token_losses(logits, ids):
+        return torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[1:]), reduction="none")
+
+    captured = []
+    model.register_forward_hook(lambda module, args, out: captured.append(out.logits))
+    with torch.no_grad():
+        SFT(0).loss(model, batch, 1.0)  # the stage's own forward of the packed batch
+        packed = captured.pop()
+        alone = [token_losses(model(input_ids=torch.tensor([d["input_ids"]])).logits, d["input_ids"]) for d in docs]
+    second = token_losses(packed[:1, 7:12], docs[1]["input_ids"])  # document 2 sits at 7..11 of block 1
+    last = token_losses(packed[1:, 5:11], docs[3]["input_ids"])
+    assert torch.allclose(second, alone[1], atol=1e-5) and torch.allclose(last, alone[3], atol=1e-5)
+
+
 def test_load_sft_dataset_packing_and_formats(tmp_path, tok):
     rows = [{"prompt": f"review {w}", "completion": f" {w} is good"} for w in ["food", "service", "the food"] * 4]
     path = str(write_jsonl(tmp_path / "sft.jsonl", rows))

@@ -23,7 +23,8 @@ class SFTDataConfig:
     eval: str | None = option("demo", "Held-out JSONL in the same format; null = no evaluation")
     max_length: int = option(256, "Longest tokenised example; longer ones are cut from the right", low=2)
     chat_template: bool = option(True, "Wrap rows in the tokenizer's chat template (prompt = user turn)")
-    packing: bool = option(False, "Concatenate examples into blocks of max_length (fewer pad tokens)")
+    packing: bool = option(False, "Concatenate examples into blocks of max_length (fewer pad tokens); each "
+                                  "document attends only to itself")
     max_rows: int | None = option(None, "Use only the first N training rows (quick runs)", low=1)
     max_eval_rows: int | None = option(None, "Use only the first N held-out rows (cheaper evaluation)", low=1)
 
@@ -52,7 +53,11 @@ class SFT:
         return self.collate(rows)
 
     def loss(self, model, batch, normaliser: float):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        if "position_ids" in batch:  # packed blocks: no attention mask, so the positions separate the documents
+            inputs = {"position_ids": batch["position_ids"]}
+        else:
+            inputs = {"attention_mask": batch["attention_mask"]}
+        logits = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits  # (B, T, V)
         loss, metrics = sft_loss(logits, batch["labels"], normaliser)
         return loss, {"tokens_seen": int(batch["attention_mask"].sum())}
 

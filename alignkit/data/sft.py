@@ -142,7 +142,8 @@ def num_target_tokens(batch: dict | Sequence[dict]) -> int:
 
 
 class SFTCollator:
-    """Right-pad examples into `input_ids (B,T)`, `attention_mask (B,T)`, `labels (B,T)` tensors.
+    """Right-pad examples into `input_ids (B,T)`, `attention_mask (B,T)`, `labels (B,T)` tensors, and
+    `position_ids (B,T)` for packed blocks (`pack`), whose padding is then a sequence of its own (0, 1, ...).
 
     Padding is `pad_token_id` (0 when the tokenizer has none: masked anyway) / 0 / -100.
     `pad_to_multiple_of` rounds T up (tensor-core friendly shapes on GPUs).
@@ -161,12 +162,18 @@ class SFTCollator:
         input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)  # (B, T)
         labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        packed = "position_ids" in examples[0]
+        position_ids = torch.arange(longest).repeat(len(examples), 1)  # (B, T)
         for b, ex in enumerate(examples):
             n = len(ex["input_ids"])
             input_ids[b, :n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
             labels[b, :n] = torch.as_tensor(ex["labels"], dtype=torch.long)
             attention_mask[b, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            if packed:
+                position_ids[b, :n] = torch.as_tensor(ex["position_ids"], dtype=torch.long)
+                position_ids[b, n:] = torch.arange(longest - n)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {**batch, "position_ids": position_ids} if packed else batch
 
     num_target_tokens = staticmethod(num_target_tokens)
 
@@ -176,20 +183,25 @@ def pack(examples: Sequence[dict], max_length: int) -> list[dict]:
 
     The first label of every document is -100, so no position is trained to predict the next
     document's first token from the previous document; blocks without any target are dropped.
-    Documents in a block attend to each other (plain causal mask), as in most packed SFT.
+    Each block carries `position_ids` that start again at 0 with every document: the model's
+    packed-sequence masks (transformers' `find_packed_sequence_indices`, when no attention mask is given)
+    then keep each document to its own tokens, so a packed document trains as it would alone.
     """
     ids: list[int] = []
     labels: list[int] = []
+    positions: list[int] = []
     for ex in examples:
         if not ex["input_ids"]:
             continue
         ids += list(ex["input_ids"])
         labels += [IGNORE_INDEX, *list(ex["labels"])[1:]]
+        positions += range(len(ex["input_ids"]))
     blocks = []
     for start in range(0, len(ids), max_length):
         block_labels = [IGNORE_INDEX, *labels[start + 1 : start + max_length]]
         if any(label != IGNORE_INDEX for label in block_labels):
-            blocks.append({"input_ids": ids[start : start + max_length], "labels": block_labels})
+            blocks.append({"input_ids": ids[start : start + max_length], "labels": block_labels,
+                           "position_ids": positions[start : start + max_length]})
     return blocks
 
 
