@@ -164,6 +164,9 @@ def test_rankings_to_pairs_command(tmp_path):
 def test_ceiling_hand_computed_and_tau_solver():
     gaps = [math.log(3.0), -math.log(3.0), 0.0]  # tau = 1: max(p, 1-p) = 3/4, 3/4, 1/2
     assert accuracy_ceiling(gaps, 1.0) == pytest.approx((0.75 + 0.75 + 0.5) / 3)
+    for scale in (1e-9, 1e9):  # the search range follows the gaps (it was 1e-6..1e6, and missed the target)
+        gaps = scale * np.array([0.1, 0.5, 1.0, -2.0])
+        assert accuracy_ceiling(gaps, tau_for_ceiling(gaps, 0.8)) == pytest.approx(0.8, abs=1e-9)
     tau = tau_for_ceiling([0.1, 0.5, 1.0, -2.0], 0.8)
     assert accuracy_ceiling([0.1, 0.5, 1.0, -2.0], tau) == pytest.approx(0.8, abs=1e-9)
     with pytest.raises(UserError, match="target_ceiling must be in"):

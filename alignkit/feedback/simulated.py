@@ -54,12 +54,15 @@ def accuracy_ceiling(gaps, tau: float) -> float:
 
 
 def tau_for_ceiling(gaps, target: float) -> float:
-    """The tau at which `accuracy_ceiling(gaps, tau) == target` (bisection on log tau; it decreases in tau)."""
-    best = accuracy_ceiling(gaps, 1e-9)
+    """The tau at which `accuracy_ceiling(gaps, tau) == target` (bisection on log tau; it decreases in tau),
+    searched on a range scaled to the gaps (a noise-free labeler at its low end, a coin at its high end)."""
+    size = np.abs(np.asarray(gaps, dtype=np.float64))
+    nonzero = size[size > 0]
+    best = (nonzero.size + 0.5 * (size.size - nonzero.size)) / max(size.size, 1)  # tau -> 0: ties count 1/2
     if not 0.5 < target < best:
         raise UserError(f"target_ceiling must be in (0.5, {best:.4f}) for these completions (the ceiling of "
                         f"a noise-free labeler is {best:.4f}), got {target}")
-    lo, hi = math.log(1e-6), math.log(1e6)
+    lo, hi = math.log(nonzero.min() * 1e-3), math.log(nonzero.max() * 1e6)
     for _ in range(100):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if accuracy_ceiling(gaps, math.exp(mid)) > target else (lo, mid)
