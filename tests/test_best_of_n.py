@@ -1,5 +1,6 @@
 """Best-of-N (analytic KL, selection, the stage) and rejection-sampling fine-tuning on a tiny model."""
 
+import dataclasses
 import json
 import math
 
@@ -65,6 +66,13 @@ def test_sample_and_score_returns_n_scored_completions():
     assert seen["ref"] == [1, 1, 1, 2, 2, 2]  # the rows' other fields reach the reward source
 
 
+def test_batches_draw_new_samples():
+    """Without a generator each batch made its own from sampling.seed: batches of 3 repeated the same 3 draws."""
+    out = sample_and_score(tiny_llama(), tiny_tokenizer(), [{"prompt": "review abc"}], CallableReward(length_reward), 8,
+                           SamplingConfig(max_new_tokens=8, seed=0), batch_size=3)
+    assert len(set(out[0]["completions"])) == 8
+
+
 class LengthSource:
     """A reward source with only `.score` (not callable)."""
 
@@ -118,6 +126,9 @@ def test_best_of_n_stage(tmp_path, tiny_llama_dir):
     assert summary[1]["reward"] >= summary[0]["reward"]  # best of 4 includes the single sample
     assert summary[1]["kl_analytic"] == pytest.approx(best_of_n_kl(4))
     assert summary[1]["gold"] == pytest.approx(summary[1]["reward"])
+    # a sampler other than the policy (here temperature 0.5): log N - (N-1)/N is not the KL to the policy
+    cooler = dataclasses.replace(cfg, sampling=SamplingConfig(max_new_tokens=8, seed=0, temperature=0.5))
+    assert [s["kl_analytic"] for s in json.loads(open(run_best_of_n(cooler)).read())] == [None, None]
 
 
 def test_a_failing_gold_judge_leaves_no_partial_output(tmp_path, tiny_llama_dir, monkeypatch):

@@ -73,8 +73,10 @@ def sample_and_score(model, tokenizer, rows: Sequence[dict], source, n: int, sam
                      ) -> list[dict]:
     """Each row with `completions` (n samples) and their `rewards` (n floats) by the reward `source`.
 
-    Prompts are repeated n times and generated in batches of `batch_size` sequences.
+    Prompts are repeated n times and generated in batches of `batch_size` sequences, all from one generator
+    (`generator`, else one seeded from `sampling.seed`), so that no batch repeats another's draws.
     """
+    generator = sampling_generator(sampling, next(model.parameters()).device, generator)
     repeated = [row for row in rows for _ in range(n)]
     texts: list[str] = []
     for i in range(0, len(repeated), batch_size):
@@ -134,20 +136,27 @@ def run_best_of_n(cfg: BestOfNConfig) -> str:
     score = load_reward(cfg.reward)
     gold = load_reward(cfg.gold) if cfg.gold else None
     model = load_causal_lm(cfg.model, trainable=False)
-    generator = sampling_generator(cfg.sampling, next(model.parameters()).device)  # null seed: torch's global one
     sampled = sample_and_score(model, tokenizer, rows, score, max(cfg.n), cfg.sampling, cfg.batch_size,
-                               cfg.chat_template, generator)
+                               cfg.chat_template)
+    s = cfg.sampling
+    plain = s.temperature == 1 and s.top_k == 0 and s.top_p == 1 and s.min_new_tokens == 0
+    if not plain:  # the samples come from a reshaped policy, whose own KL to the policy is unknown here
+        log.warning("sampling reshapes the policy (temperature, top_k, top_p or min_new_tokens): log N - (N-1)/N is the "
+                    "KL to that sampler, not to the policy, so summary.json leaves kl_analytic null (the report then "
+                    "shows best-of-N in its table but not on the KL plots)")
     picks, summary = {}, []
     for n in sorted(set(cfg.n)):
         picks[n] = best = pick_best(sampled, n)
-        line = {"n": n, "kl_analytic": best_of_n_kl(n), "reward": sum(b["reward"] for b in best) / len(best)}
+        line = {"n": n, "kl_analytic": best_of_n_kl(n) if plain else None,
+                "reward": sum(b["reward"] for b in best) / len(best)}
         if gold is not None:
             gold_rewards = score_rows(gold, best, [b["completion"] for b in best], "the gold judge")
             for b, g in zip(best, gold_rewards.tolist()):
                 b["gold"] = g
             line["gold"] = float(gold_rewards.mean())
         summary.append(line)
-        log.info("best-of-%d: analytic KL %.3f nats, reward %.3f%s", n, line["kl_analytic"], line["reward"],
+        kl = "-" if line["kl_analytic"] is None else f"{line['kl_analytic']:.3f}"
+        log.info("best-of-%d: analytic KL %s nats, reward %.3f%s", n, kl, line["reward"],
                  f", gold {line['gold']:.3f}" if "gold" in line else "")
     out = Path(cfg.output_dir)  # written once every N is scored: a failing judge leaves no partial output
     for n, best in picks.items():
