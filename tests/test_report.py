@@ -129,6 +129,32 @@ def test_runs_that_share_a_directory_name_stay_apart(run_dirs, tmp_path):
     assert ["ppo", "(b/ppo)", "final", "0.9"] in rows
 
 
+def test_runs_that_share_a_method_stay_apart(run_dirs, tmp_path):
+    """Two runs evaluated with method=ppo (ppo_lr1, ppo_lr2) were one line in the plots and one gold peak."""
+    import shutil
+
+    other = tmp_path / "ppo_lr2"
+    shutil.copytree(run_dirs[0], other)
+    (other / "eval" / "final.json").write_text(json.dumps(_eval(None, 3.0, 0.9, 1.0, "ppo")))
+    runs = as_runs([run_dirs[0], other])
+    assert [r.method for r in runs] == ["ppo (ppo)", "ppo (ppo_lr2)"]
+    peaks = gold_peaks(points(runs))
+    assert peaks["ppo (ppo_lr2)"]["gold"] == 0.9 and peaks["ppo (ppo)"]["gold"] == 0.6
+
+
+def test_the_reference_point_does_not_depend_on_the_order_of_runs(run_dirs, tmp_path):
+    """The reference row was left out only when the same policy was a point of a run listed before it."""
+    ppo, dpo = run_dirs
+    sft = tmp_path / "sft"
+    (sft / "eval").mkdir(parents=True)
+    same = {**_eval(None, 0.0, 0.1, 0.0, "sft"), "policy": "/runs/sft/model"}
+    (sft / "eval" / "final.json").write_text(json.dumps(same))
+    for path in (ppo / "eval").glob("*.json"):  # evaluated against the SFT model, which scored gold 0.1
+        path.write_text(json.dumps({**json.loads(path.read_text()), "reference": "/runs/sft/model"}))
+    labels = [sorted((p["method"], p["label"]) for p in points(as_runs(order))) for order in ([ppo, sft], [sft, ppo])]
+    assert labels[0] == labels[1] and ("ppo", "reference") not in labels[0]
+
+
 def test_gold_from_different_judges_is_flagged(run_dirs, tmp_path):
     """The table and plots put gold rewards of every run side by side; from different judges they do not compare."""
     def set_gold(path, gold):
@@ -142,7 +168,11 @@ def test_gold_from_different_judges_is_flagged(run_dirs, tmp_path):
     assert mixed_gold([load_run(ppo), load_run(dpo)]) is None
     set_gold(dpo / "eval" / "final.json", {"function": "mine:score"})
     note = mixed_gold([load_run(ppo), load_run(dpo)])
-    assert note.endswith("judge=vader (ppo); function=mine:score (dpo)")
+    assert note.endswith("vader (ppo); mine:score (dpo)")
+    set_gold(dpo / "eval" / "final.json", {"judge": "vader"})  # best-of-N scored by another judge
+    summary = json.loads((dpo / "summary.json").read_text())
+    (dpo / "summary.json").write_text(json.dumps([{**line, "gold_judge": "mine:chars"} for line in summary]))
+    assert mixed_gold([load_run(ppo), load_run(dpo)]).endswith("vader (dpo, ppo); mine:chars (dpo)")
     assert "<b>Warning:</b> the gold rewards come from different judges" in write_report(
         run_dirs, tmp_path / "r.html").read_text()
 

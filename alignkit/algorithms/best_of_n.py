@@ -153,7 +153,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> str:
             gold_rewards = score_rows(gold, best, [b["completion"] for b in best], "the gold judge")
             for b, g in zip(best, gold_rewards.tolist()):
                 b["gold"] = g
-            line["gold"] = float(gold_rewards.mean())
+            line["gold"], line["gold_judge"] = float(gold_rewards.mean()), cfg.gold
         summary.append(line)
         kl = "-" if line["kl_analytic"] is None else f"{line['kl_analytic']:.3f}"
         log.info("best-of-%d: analytic KL %s nats, reward %.3f%s", n, kl, line["reward"],

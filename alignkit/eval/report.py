@@ -23,6 +23,7 @@ import html
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,19 +62,25 @@ class Run:
     rm_eval: dict | None = None
     best_of_n: list[dict] | None = None
     name: str = ""  # the directory's name, or more of its path where two runs of a report share one (`as_runs`)
+    label: str = ""  # the method as the report shows it; `as_runs` adds the name where two runs share a method
 
     def __post_init__(self):
         self.name = self.name or self.path.name
 
     @property
+    def evaluated_method(self) -> str:
+        """The `method` its evaluations name (eval's option), else the directory's name."""
+        return next((e["method"] for e in reversed(self.evals) if e.get("method")), self.path.name)
+
+    @property
     def method(self) -> str:
-        method = next((e["method"] for e in reversed(self.evals) if e.get("method")), self.path.name)
-        return method if self.name == self.path.name else f"{method} ({self.name})"
+        return self.label or self.evaluated_method
 
 
 def as_runs(items) -> list[Run]:
     """Runs from Runs or run directories; runs whose directories share a name (a/ppo, b/ppo) are named by as much
-    of their paths as tells them apart, so that the tables and plots keep them apart."""
+    of their paths as tells them apart, and runs that share a method are shown as "method (name)", so that the
+    tables and plots keep them apart."""
     runs = [r if isinstance(r, Run) else load_run(r) for r in items]
     for run in runs:
         parts = run.path.resolve().parts
@@ -82,6 +89,10 @@ def as_runs(items) -> list[Run]:
         while others and any(o[-k:] == parts[-k:] for o in others) and k < len(parts):
             k += 1
         run.name = "/".join(parts[-k:]) if others else run.path.name
+    shared = Counter(run.evaluated_method for run in runs)
+    for run in runs:
+        method = run.evaluated_method
+        run.label = method if shared[method] == 1 else f"{method} ({run.name})"
     return runs
 
 
@@ -180,10 +191,10 @@ def rollout_points(run: Run, window: int = ROLLOUT_WINDOW) -> list[dict]:
 
 def points(runs: list[Run]) -> list[dict]:
     """Every evaluated policy as a point, plus each reference (KL 0; left out when the same policy with the
-    same score is already a point, e.g. the SFT run evaluated against itself) and best-of-N summaries."""
-    out, seen = [], set()
+    same score is a point of any run, e.g. the SFT run evaluated against itself) and best-of-N summaries."""
+    out = []
+    seen = {(e.get("policy"), e.get("metrics", {}).get("reward/gold")) for run in runs for e in run.evals}
     for run in runs:
-        seen |= {(e.get("policy"), e.get("metrics", {}).get("reward/gold")) for e in run.evals}
         with_ref = [e for e in run.evals if "reference/reward/gold" in e.get("metrics", {})]
         key = (with_ref[0].get("reference"), with_ref[0]["metrics"]["reference/reward/gold"]) if with_ref else None
         if with_ref and key not in seen:
@@ -202,20 +213,30 @@ def points(runs: list[Run]) -> list[dict]:
 
 
 def mixed_gold(runs: list[Run]) -> str | None:
-    """A note when the evaluations' gold rewards come from different judges (their values do not compare), else
-    None. Each evaluation records its gold source in its config (`eval gold.judge=...`). The report shows it in
-    its summary and logs it as a warning."""
+    """A note when the gold rewards of the evaluations and best-of-N summaries come from different judges (their
+    values do not compare), else None. Each evaluation records its gold source in its config (`eval
+    gold.judge=...`), a best-of-N summary in `gold_judge`. The report shows it in its summary and logs it as a
+    warning."""
     judges: dict[str, list[str]] = {}
     for run in runs:
         for e in run.evals:
             gold = {k: v for k, v in ((e.get("config") or {}).get("gold") or {}).items() if v is not None}
-            if gold.get("judge") or gold.get("model") or gold.get("function"):
-                name = ", ".join(f"{k}={v}" for k, v in sorted(gold.items()))
+            sources = [gold[k] for k in ("judge", "model", "function") if gold.get(k)]
+            if sources:  # a single source by its spec (as best-of-N names it), else every setting
+                name = _spec(sources[0]) if len(gold) == 1 else ", ".join(f"{k}={v}" for k, v in sorted(gold.items()))
                 judges.setdefault(name, []).append(run.name)
+        for line in run.best_of_n or []:
+            if line.get("gold_judge"):
+                judges.setdefault(_spec(line["gold_judge"]), []).append(run.name)
     if len(judges) < 2:
         return None
     return ("the gold rewards come from different judges, so they do not compare across runs: " + "; ".join(
         f"{name} ({', '.join(sorted(set(where)))})" for name, where in judges.items()))
+
+
+def _spec(spec: str) -> str:
+    """A judge spec as one name: a directory (a reward model) by its absolute path, anything else as written."""
+    return str(Path(spec).resolve()) if Path(spec).is_dir() else spec
 
 
 def _fmt(value) -> str:
