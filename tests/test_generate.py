@@ -346,6 +346,24 @@ def test_sampler_frequencies(top_k, top_p, temperature):
     torch.testing.assert_close(logps, torch.log_softmax(logits / temperature, -1)[tokens])
 
 
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """As HF's TopKLogitsWarper: top-k kept exactly k tokens, so tokens tied with the k-th (usual with bf16 logits)
+    could not be drawn while the others took their mass."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    from alignkit.rollout.sampling import TokenChooser
+
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0], [3.0, 2.5, 2.0, 1.0, 0.0]])  # row 2: no tie at the boundary
+    for top_p in (1.0, 0.9):
+        choose = TokenChooser(True, 1.0, 2, top_p, 0, None, torch.Generator().manual_seed(0))
+        tokens, _ = choose(logits.repeat_interleave(40_000, 0), step=0)
+        for row in range(2):
+            freq = torch.bincount(tokens[row * 40_000 : (row + 1) * 40_000], minlength=5) / 40_000
+            hf = torch.softmax(TopKLogitsWarper(2)(None, logits[row : row + 1]), -1)[0]
+            hf = hf.masked_fill(hf.cumsum(-1) - hf >= top_p, 0.0)
+            torch.testing.assert_close(freq, hf / hf.sum(), atol=0.01, rtol=0)
+
+
 def test_nucleus_prefilter_is_exact(monkeypatch):
     """Top-p looks for the nucleus among the top tokens first; the draws equal those of a full sort."""
     from alignkit.rollout import sampling
