@@ -21,7 +21,7 @@ from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
 from alignkit.errors import UserError
 from alignkit.losses.sft import sft_loss
-from alignkit.models.tiny import tiny_llama, tiny_tokenizer
+from alignkit.models.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 from conftest import make_sft_rows, write_jsonl
 
@@ -160,6 +160,44 @@ def test_a_resumed_run_uses_its_own_learning_rate(tmp_path):
     # linear decay over the new 4 steps from the new base: step 3 (index 2) trains at 1e-3 * 2/4, step 4 at 1e-3 * 1/4
     assert lrs[3] == pytest.approx(1e-3 * 2 / 4) and lrs[4] == pytest.approx(1e-3 * 1 / 4)
     assert lrs[1] == pytest.approx(1e-5)
+
+
+def test_optimiser_conventions_of_transformers_trainer(tmp_path):
+    """Warm-up steps rounded down (a ratio of 0.05 of 10 steps warmed up for 0 steps; the Trainer takes 1), and weight
+    decay on biases and norm weights (the Trainer decays neither)."""
+    engine = Engine(TrainConfig(report_to=[], precision="fp32", warmup_ratio=0.05, weight_decay=0.1), tmp_path / "r")
+    model = tiny_gpt2()  # biases and LayerNorms
+    optimizer, scheduler = engine.make_optimizer(model, 10)
+    assert scheduler.get_last_lr()[0] == 0.0  # step 1 is the first of 1 warm-up step
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in plain["params"]} == {"weight", "bias"}  # LayerNorm weights
+    assert all(p.dim() < 2 for p in plain["params"]) and all(p.dim() == 2 for p in decayed["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_fp16_on_a_cpu_is_refused(tmp_path):
+    with pytest.raises(UserError, match="precision=fp16 needs a GPU"):  # accelerate ran it in fp32 without a word
+        Engine(TrainConfig(report_to=[], precision="fp16"), tmp_path / "r")
+
+
+def test_tokens_per_s_leaves_out_evaluation_time(tmp_path, monkeypatch):
+    """Evaluation after a logged step was charged to the next one: its tokens_per_s read 100x too low."""
+    tok, rows = _sft_rows(tmp_path)
+    engine = Engine(TrainConfig(batch_size=8, micro_batch_size=8, max_steps=4, eval_every=2, report_to=[],
+                                precision="fp32"), tmp_path / "run")
+    evaluate = engine.evaluate
+
+    def slow_evaluate(*args):
+        time.sleep(1.0)
+        return evaluate(*args)
+
+    monkeypatch.setattr(engine, "evaluate", slow_evaluate)
+    engine.fit(tiny_llama(seed=3), SFT(tok.pad_token_id), rows, rows[:8])
+    speeds = [json.loads(x)["tokens_per_s"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "tokens_per_s" in x]
+    assert min(speeds[2:]) > 0.2 * max(speeds[:2])  # step 3 follows the 1 s evaluation of step 2
 
 
 def _sft_cmd(model_dir, sft_files, out, *extra):

@@ -25,11 +25,11 @@ class TrainConfig:
     epochs: int = option(1, "Passes over the training data (ignored when max_steps is set)")
     max_steps: int | None = option(None, "Optimiser steps to run; null = epochs x steps per epoch")
     lr: float = option(1e-5, "Peak learning rate of AdamW")
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (of weight matrices; not of biases and norms)")
     adam_betas: list[float] = option([0.9, 0.999], "AdamW (beta1, beta2)")
     adam_eps: float = option(1e-8, "AdamW epsilon")
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Learning-rate decay after warm-up")
-    warmup_ratio: float = option(0.1, "Share of the steps spent warming the learning rate up from 0")
+    warmup_ratio: float = option(0.1, "Share of the steps spent warming the learning rate up from 0 (rounded up)")
     max_grad_norm: float | None = option(1.0, "Clip the global gradient norm to this; null = no clipping")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "Mixed precision: auto = bf16 on a GPU that supports it, fp32 on a CPU"

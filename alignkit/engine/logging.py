@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -75,6 +76,15 @@ class RunLogger:
 
     def count_tokens(self, n: int) -> None:
         self.tokens += n
+
+    @contextlib.contextmanager
+    def paused(self):
+        """A block (held-out evaluation, a checkpoint) whose time is not training time: left out of tokens_per_s."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t_last += time.perf_counter() - start
 
     def log(self, step: int, metrics: dict) -> None:
         metrics = {k: _plain(v) for k, v in metrics.items()}

@@ -84,6 +84,8 @@ class Engine:
             mixed_precision=resolve_precision(cfg.precision), log_with=trackers or None, project_dir=self.run_dir,
             cpu=cpu_processes(), kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
+        if cfg.precision == "fp16" and self.accelerator.device.type == "cpu":  # accelerate would run fp32 silently
+            raise UserError("train.precision=fp16 needs a GPU (on a CPU it would run in fp32); use bf16 or fp32")
         world = self.accelerator.num_processes
         if cfg.batch_size % (cfg.micro_batch_size * world):
             raise UserError(
@@ -216,12 +218,15 @@ class Engine:
         # the fused kernel: one pass over all parameters (on a 2-core CPU, 6x faster than the default
         # per-tensor loop for a 5M-parameter model; the same update up to float rounding)
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+        # weight decay on matrices only: biases and norm weights (1-D) are not decayed, as in transformers' Trainer
+        groups = [{"params": [p for p in params if p.dim() >= 2]},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-            fused=fused or None,
+            [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay, fused=fused or None,
         )
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
-        warmup = int(cfg.warmup_ratio * total_steps)
+        warmup = math.ceil(cfg.warmup_ratio * total_steps)  # rounded up, as transformers' Trainer
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
         return optimizer, scheduler
 
@@ -304,10 +309,13 @@ class Engine:
                 if step % cfg.log_every == 0 or step == total:
                     logger.log(step, {"epoch": epoch + (index + 1) / steps_per_epoch, **metrics})
                 if eval_rows and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    eval_metrics = self.evaluate(model, algorithm, eval_rows)
+                    with logger.paused():
+                        eval_metrics = self.evaluate(model, algorithm, eval_rows)
                     logger.log(step, eval_metrics)
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    save_checkpoint(acc, self.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints, desc)
+                    with logger.paused():
+                        save_checkpoint(acc, self.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints,
+                                        desc)
                 logger.advance()
         return acc.unwrap_model(model), eval_metrics
 

@@ -119,7 +119,8 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
             if step % cfg.log_every == 0 or step == online.steps:
                 logger.log(step, metrics)
             if cfg.save_every and step % cfg.save_every == 0 and step < online.steps:
-                save_checkpoint(acc, engine.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints, desc,
-                                algorithm.state_dict())
+                with logger.paused():
+                    save_checkpoint(acc, engine.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints,
+                                    desc, algorithm.state_dict())
             logger.advance()
     return acc.unwrap_model(model)
