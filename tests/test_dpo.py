@@ -123,8 +123,8 @@ def test_cached_reference_equals_live(tmp_path, lora):
     cache_reference(policy, _spec_algorithm("dpo", tok, Reference()), {"train": cached_rows}, tmp_path / "ref.pt",
                     "tiny", 4, "cpu")
     # float32 training: the cache above is float32, and the live reference runs in the training's precision
-    engine = Engine(TrainConfig(batch_size=8, micro_batch_size=8, lr=1e-2, max_steps=1, report_to=[], precision="fp32"),
-                    tmp_path / "r")
+    engine = Engine(TrainConfig(batch_size=8, micro_batch_size=8, lr=1e-2, max_steps=1, warmup_ratio=0.0, report_to=[],
+                                precision="fp32"), tmp_path / "r")
     policy, _ = engine.fit(policy, algorithm, rows)
     policy.eval()
     with torch.no_grad():

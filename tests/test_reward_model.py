@@ -15,7 +15,7 @@ from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
 from alignkit.eval.reward import comparison_metrics, gold_agreement
 from alignkit.losses.reward import bradley_terry_loss, kwise_loss
-from alignkit.models.load import ModelConfig
+from alignkit.models.load import LoraConfig, ModelConfig
 from alignkit.models.reward import freeze_bottom, load_reward_model, reward_head
 from alignkit.models.tiny import pseudo_words, tiny_tokenizer
 
@@ -201,6 +201,19 @@ def test_head_init_and_freezing(tiny_llama_dir):
     freeze_bottom(model, 0)  # nothing more frozen
     with pytest.raises(Exception, match="freeze_layers must be between 0 and 2"):
         freeze_bottom(model, 3)
+    every = load_reward_model(ModelConfig(path=tiny_llama_dir), 1, freeze_layers=2)  # it froze the head too
+    assert {n for n, p in every.named_parameters() if p.requires_grad} == {"model.norm.weight", "score.weight"}
+
+
+def test_lora_dropout_is_off_in_a_reward_model(tiny_llama_dir):
+    """lora.dropout > 0 scored one text differently at each forward (train mode): noise in r_w - r_l."""
+    model = load_reward_model(ModelConfig(path=tiny_llama_dir), 0, LoraConfig(r=4, dropout=0.5))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+        ids = torch.tensor([[5, 6, 7, 8]])
+        assert model(input_ids=ids).logits.item() == model(input_ids=ids).logits.item()
 
 
 def test_long_texts_lose_the_prompt_start_not_the_completion_end():

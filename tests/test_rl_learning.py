@@ -145,6 +145,22 @@ def test_a_critic_with_another_tokenizer_is_refused(tiny_llama_dir, tmp_path):
     assert make_actor_critic(tiny_llama(), tiny_tokenizer(), same).critic is not None
 
 
+def test_a_fully_trained_critic_stays_float32_where_auto_is_bf16(tiny_llama_dir, monkeypatch):
+    """On a GPU with bf16, `auto` loaded the separate critic's trunk in bf16 also when it trains in full (lora.r=0),
+    against the rule that weights trained in full stay float32 (the CUDA checks are faked: no GPU here)."""
+    from alignkit.algorithms.ppo import make_actor_critic
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    dtypes = {}
+    for r in (0, 4):
+        cfg = load_config(PPOConfig, None, [f"model.path={tiny_llama_dir}", "ppo.critic=separate", f"lora.r={r}"])
+        critic = make_actor_critic(tiny_llama(), tiny_tokenizer(), cfg).critic
+        dtypes[r] = {p.dtype for p in critic.parameters() if p.requires_grad}, {p.dtype for p in critic.parameters()}
+    assert dtypes[0] == ({torch.float32}, {torch.float32})
+    assert dtypes[4] == ({torch.float32}, {torch.float32, torch.bfloat16})  # a LoRA base: bf16, adapters float32
+
+
 def test_same_seed_same_run_on_two_threads(tiny_llama_dir, prompt_file, tmp_path):
     """A seed fixes the run, also on 2 threads: the backward of indexing (GRPO's shared prompt cache, one
     row per group member) sums rows in thread order unless torch's deterministic algorithms are on."""

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from alignkit.algorithms.policy_kl import policy_kl
-from alignkit.algorithms.reference import Reference, cache_reference, disable_dropout, pair_logps, sequence_logps
+from alignkit.algorithms.reference import Reference, cache_reference, pair_logps, sequence_logps
 from alignkit.algorithms.sft import check_output_dir
 from alignkit.config import check_interval, option, to_dict
 from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_json
@@ -48,8 +48,8 @@ from alignkit.engine.loop import Engine
 from alignkit.errors import UserError
 from alignkit.losses.preference import PREFERENCE_LOSSES, PreferenceLoss
 from alignkit.models.load import (
-    LoraConfig, ModelConfig, check_context, context_length, is_peft, load_causal_lm, load_tokenizer, save_model,
-    weights_stamp,
+    LoraConfig, ModelConfig, check_context, context_length, disable_dropout, is_peft, load_causal_lm, load_tokenizer,
+    save_model, weights_stamp,
 )
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from alignkit.config import check_interval, option, to_dict
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.online import OnlineConfig, fit_online
 from alignkit.errors import UserError
-from alignkit.models.load import LoraConfig, ModelConfig, load_causal_lm, load_tokenizer, save_model
+from alignkit.models.load import LoraConfig, ModelConfig, disable_dropout, load_causal_lm, load_tokenizer, save_model
 from alignkit.ops.logprobs import token_logps
 from alignkit.rewards.base import RewardConfig, build_reward
 from alignkit.rewards.kl import KL_CONTROLLERS
@@ -191,7 +191,6 @@ def run_online(cfg: OnlineStageConfig, make_algorithm, desc: str) -> Path:
     """Load everything, train with `fit_online`, save the policy; returns `output_dir/model`.
 
     `make_algorithm(policy, tokenizer, reward, reference) -> (model to train, algorithm)`."""
-    from alignkit.algorithms.reference import disable_dropout
     from alignkit.algorithms.sft import check_output_dir
     from alignkit.engine.loop import Engine
 

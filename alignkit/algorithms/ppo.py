@@ -22,7 +22,7 @@ from alignkit.config import check_interval, option
 from alignkit.engine.online import OnlineConfig
 from alignkit.errors import UserError
 from alignkit.losses.policy import clipped_policy_loss, clipped_value_loss, entropy_from_logits, entropy_loss
-from alignkit.models.load import unwrap
+from alignkit.models.load import disable_dropout, unwrap
 from alignkit.ops.advantages import gae
 from alignkit.ops.stats import explained_variance, masked_mean, masked_whiten
 from alignkit.rewards.kl import kl_shaped_rewards
@@ -105,7 +105,6 @@ class PPO(OnlineAlgorithm):
 def make_actor_critic(policy, tokenizer, cfg: PPOConfig):
     """ActorCritic with the configured critic: a head on the policy trunk, or a separate trunk (+ LoRA), which
     reads the policy's token ids and so must share the policy's `tokenizer`."""
-    from alignkit.algorithms.reference import disable_dropout
     from alignkit.models.value import ActorCritic
 
     if cfg.ppo.critic == "shared":
@@ -119,7 +118,8 @@ def make_actor_critic(policy, tokenizer, cfg: PPOConfig):
         raise UserError(f"ppo.critic_model={path}: its tokenizer is not the policy's ({cfg.model.path}), and the "
                         "critic reads the policy's token ids; give a trunk of the policy's family (e.g. a reward "
                         "model trained on the SFT model) or use ppo.critic=shared")
-    critic = from_pretrained(AutoModel, path, "the critic's trunk", dtype=resolve_dtype(cfg.model.dtype))
+    critic = from_pretrained(AutoModel, path, "the critic's trunk",
+                             dtype=resolve_dtype(cfg.model.dtype, trained=not cfg.lora.r))
     critic = add_lora(critic, cfg.lora) if cfg.lora.r > 0 else critic
     disable_dropout(critic)
     return ActorCritic(policy, critic)

@@ -71,14 +71,6 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return sums.view(b, 2), counts.view(b, 2)
 
 
-def disable_dropout(model) -> None:
-    """Set every dropout probability to 0 (as TRL's DPO does by default): the log-ratios of the policy
-    and the reference must differ by the training, not by dropout noise."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 class Reference:
     """The frozen reference policy pi_ref.
 

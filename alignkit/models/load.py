@@ -92,6 +92,14 @@ def resolve_dtype(name: str, trained: bool = False) -> torch.dtype:
     return torch.bfloat16 if native_bf16 and not trained else torch.float32
 
 
+def disable_dropout(model) -> None:
+    """Set every dropout probability to 0 (as TRL's DPO does by default), LoRA's included: the log-ratios of the
+    policy and the reference, or the two rewards of a comparison, must differ by the training, not by dropout."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def resolve_path(path: str | os.PathLike) -> str:
     from alignkit.tasks.embedded import resolve_model
 
@@ -160,7 +168,9 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: 
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
-def add_lora(model, lora: LoraConfig):
+def add_lora(model, lora: LoraConfig, **peft_options):
+    """`model` with a LoRA adapter on `lora.target_modules` (else the model type's defaults); `peft_options` go to
+    PEFT's LoraConfig (a reward model's task type and head)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -174,7 +184,7 @@ def add_lora(model, lora: LoraConfig):
     # GPT-2's layers are Conv1D (weights stored transposed): PEFT wants to be told, else it warns and sets it itself
     transposed = any(isinstance(m, Conv1D) for m in model.modules())
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=list(targets), bias="none", fan_in_fan_out=transposed)
+                              target_modules=list(targets), bias="none", fan_in_fan_out=transposed, **peft_options)
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:

@@ -11,8 +11,8 @@ saved directory loads with `AutoModelForSequenceClassification` and scores exact
 Implementation details, each with its reason:
 1. A new head is initialised N(0, std = 1 / sqrt(d + 1)) with zero bias (Stiennon et al. 2020; "The N
    implementation details of RLHF with PPO"), so initial rewards have unit-scale variance.
-2. Dropout is switched off in the config: the chosen and rejected forwards must see the same network,
-   otherwise dropout noise enters r_w - r_l (TRL's reward trainer does the same).
+2. Dropout is switched off, in the config and in LoRA's adapters: the chosen and rejected forwards must see
+   the same network, otherwise dropout noise enters r_w - r_l (TRL's reward trainer does the same).
 3. `config.pad_token_id` is set from the tokenizer: transformers needs it to find the last token.
 4. Reward normalisation (gain, bias) lives in `alignkit_reward.json` next to the weights, with the
    text encoding used in training; `rewards.reward_model.RewardModel` applies both at scoring time.
@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import UserError
-from alignkit.models.load import LORA_TARGETS, LoraConfig, ModelConfig, default_device, from_pretrained, resolve_dtype
+from alignkit.models.load import (
+    LoraConfig, ModelConfig, add_lora, default_device, disable_dropout, from_pretrained, resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConf
     model.to(default_device())
     if lora_r:
         model = add_reward_lora(model, lora)
+        disable_dropout(model)  # lora.dropout
     if freeze_layers:
         freeze_bottom(model, freeze_layers)
     return model.train()
@@ -92,19 +95,8 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConf
 
 def add_reward_lora(model, lora: LoraConfig):
     """LoRA on the backbone; the head trains in full (PEFT's SEQ_CLS task keeps it in `modules_to_save`)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    targets = lora.target_modules or LORA_TARGETS.get(model.config.model_type)
-    if not targets:
-        raise UserError(f"no default LoRA targets for model type '{model.config.model_type}'; set lora.target_modules")
     head_name = next(n for n in HEAD_NAMES if hasattr(model, n))
-    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                              target_modules=list(targets), task_type="SEQ_CLS", modules_to_save=[head_name])
-    try:
-        return get_peft_model(model, peft_cfg)
-    except ValueError as e:
-        raise UserError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+    return add_lora(model, lora, task_type="SEQ_CLS", modules_to_save=[head_name])
 
 
 def transformer_blocks(model) -> torch.nn.ModuleList:
@@ -125,10 +117,13 @@ def freeze_bottom(model, n: int) -> None:
     blocks = transformer_blocks(model)
     if not 0 <= n <= len(blocks):
         raise UserError(f"freeze_layers must be between 0 and {len(blocks)} (the model's blocks), got {n}")
-    first_trained = {id(p) for p in blocks[n].parameters()} if n < len(blocks) else set()
-    for _, param in model.named_parameters():  # registration order: embeddings, blocks, final norm, head
-        if id(param) in first_trained:
-            break
+    trained = {id(p) for block in blocks[n:] for p in block.parameters()}
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    past_embeddings = False
+    for param in model.parameters():  # registration order: embeddings, blocks, final norm, head
+        if id(param) in trained or (past_embeddings and id(param) not in in_blocks):
+            break  # block n, or (n = every block) the final norm
+        past_embeddings = past_embeddings or id(param) in in_blocks
         param.requires_grad_(False)
 
 
