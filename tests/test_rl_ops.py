@@ -32,8 +32,8 @@ def test_masked_stats():
     white = masked_whiten(X, M)
     assert white[0].tolist() == pytest.approx([(v - 2.5) / math.sqrt(5 / 3) for v in (1, 2, 3)], abs=1e-6)
     assert white[1, 1:].tolist() == [0.0, 0.0]
-    scaled = masked_whiten(X, M, shift_mean=False)
-    assert scaled[0, 0].item() == pytest.approx((1 - 2.5) / math.sqrt(5 / 3) + 2.5, abs=1e-6)
+    scaled = masked_whiten(X, M, shift_mean=False)  # scale only: a 0 reward stays 0 (it moved by mean (1 - 1/std))
+    assert scaled[0].tolist() == pytest.approx([v / math.sqrt(5 / 3) for v in (1, 2, 3)], abs=1e-6)
 
 
 def gae_loop(rewards, values, gamma, lam):

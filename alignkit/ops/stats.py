@@ -28,13 +28,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the kept entries; masked entries become 0.
 
-    With `shift_mean=False` only the scale changes (the mean is added back), as used for rewards,
-    whose sign carries meaning (Ziegler et al. 2019 scale rewards, they do not centre them per batch).
+    With `shift_mean=False` only the scale changes, x / sqrt(var + eps), as used for rewards, whose sign
+    carries meaning (Ziegler et al. 2019 scale rewards, they do not centre them per batch). TRL's flag of the
+    same name adds the mean back after whitening instead, which moves every token's reward by
+    mean (1 - 1 / std): per token, a shift that favours long or short answers.
     """
     mean, var = masked_mean(x, mask), masked_var(x, mask)
-    white = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        white = white + mean
+    white = (x - mean if shift_mean else x) * torch.rsqrt(var + eps)
     return white.masked_fill(~mask.bool(), 0.0)
 
 
