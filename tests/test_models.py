@@ -144,3 +144,26 @@ def test_weights_stamp_changes_when_a_model_is_rewritten_at_its_path(tmp_path):
     save_tiny(path, tiny_llama(seed=7))
     assert weights_stamp(path) != first
     assert weights_stamp("org/some-hub-model") == "org/some-hub-model"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_disable_dropout_reaches_attention_dropout(arch):
+    """Llama applies its attention dropout from a number it keeps (no nn.Dropout): with attention_dropout > 0 the
+    policy stayed noisy in train mode (PPO's logp_diff_max 0.15 instead of 1e-6)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from alignkit.models.load import disable_dropout
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, attention_dropout=0.5))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, attn_pdrop=0.5,
+                                           resid_pdrop=0.5, embd_pdrop=0.5))
+    model.train()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        disable_dropout(model)
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)

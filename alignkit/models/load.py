@@ -94,10 +94,14 @@ def resolve_dtype(name: str, trained: bool = False) -> torch.dtype:
 
 def disable_dropout(model) -> None:
     """Set every dropout probability to 0 (as TRL's DPO does by default), LoRA's included: the log-ratios of the
-    policy and the reference, or the two rewards of a comparison, must differ by the training, not by dropout."""
+    policy and the reference, or the two rewards of a comparison, must differ by the training, not by dropout.
+    Attention modules that apply dropout themselves keep its rate as a number (Llama's `attention_dropout`)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
 
 
 def resolve_path(path: str | os.PathLike) -> str:
