@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from alignkit.algorithms.policy_gradient import (
     GRPOConfig,
+    PolicyGradient,
     REINFORCEConfig,
     RLOOConfig,
     run_grpo,
@@ -372,3 +373,25 @@ def test_two_processes_with_a_minibatch_smaller_than_the_processes(tiny_llama_di
                          env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "model" / "config.json").is_file()
+
+
+def test_logp_probe_covers_the_whole_first_minibatch(tmp_path):
+    """logp_diff_max looked at the first micro-batch only: a row of the first minibatch that trains on log-probs
+    other than the sampler's went unseen when it fell in a later micro-batch."""
+    from alignkit.engine.loop import Engine
+    from alignkit.engine.online import update
+
+    cfg = load_config(GRPOConfig, None, ["sampling.max_new_tokens=4", "online.prompts_per_step=2", "online.group_size=4",
+                                         "train.batch_size=8", "train.micro_batch_size=2", "online.chat_template=false",
+                                         "train.report_to=[]", "kl.beta=0"])
+    policy = tiny_llama(seed=1)
+    algorithm = PolicyGradient(tiny_tokenizer(), CallableReward(lambda p, c: [float(len(x)) for x in c]), cfg)
+    rows, _ = algorithm.rollout(policy, [{"prompt": "review one"}, {"prompt": "review two"}])
+    for bad in range(len(rows)):  # each row in turn: wherever the shuffle puts it, the probe sees it
+        engine = Engine(cfg.train, tmp_path / f"r{bad}")
+        model = tiny_llama(seed=1)
+        optimizer, scheduler = engine.make_optimizer(model, 1)
+        shifted = [{**r, "old_logps": r["old_logps"] + 0.5 * r["response_mask"]} if i == bad else r
+                   for i, r in enumerate(rows)]
+        metrics = update(engine, model, algorithm, shifted, 1, optimizer, scheduler, 1)
+        assert metrics["logp_diff_max"] == pytest.approx(0.5, abs=1e-3), bad

@@ -105,7 +105,7 @@ class OnlineAlgorithm:
         self.tokenizer, self.reward, self.cfg, self.reference = tokenizer, reward, cfg, reference
         k = cfg.kl
         self.kl_ctl = KL_CONTROLLERS[k.controller](k.beta, k.target, k.horizon)
-        self.probe = None
+        self.probe, self.probing = None, False
         self.monitor = None
         if cfg.gold is not None:
             from alignkit.rewards.gold import load_judge
@@ -142,10 +142,12 @@ class OnlineAlgorithm:
         return out
 
     def token_logps(self, logits, batch) -> torch.Tensor:
-        """Training log-probs (B, A); the first call of an update records max |logp_train - logp_rollout|."""
+        """Training log-probs (B, A); while `probing` (the first minibatch of an update, over all its micro-batches)
+        `probe` keeps max |logp_train - logp_rollout|."""
         logps = token_logps(logits, batch["response_ids"]).masked_fill(~batch["response_mask"], 0.0)
-        if self.probe is None:
-            self.probe = float((logps.detach() - batch["old_logps"]).abs().max())
+        if self.probing:
+            diff = float((logps.detach() - batch["old_logps"]).abs().max())
+            self.probe = diff if self.probe is None else max(self.probe, diff)
         return logps
 
     def units(self, row) -> int:

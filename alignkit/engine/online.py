@@ -19,7 +19,7 @@ An online algorithm adds to the engine's protocol (units / prepare / loss):
     rollout(model, prompt_rows) -> (rows, metrics)   rows for the updates, metrics of the rollout
     after_update(metrics) -> dict                    e.g. the adaptive KL controller; extra metrics
     state_dict() / load_state_dict(d)                JSON-able state for resume
-    probe                                             max |logp(rollout) - logp(train)|, set by loss()
+    probe, probing                                    max |logp(rollout) - logp(train)|, kept by loss() while probing
 """
 
 from __future__ import annotations
@@ -75,16 +75,18 @@ def prompt_batch(rows: list, step: int, per_step: int, seed: int) -> list:
 def update(engine: Engine, model, algorithm, rows: list, epochs: int, optimizer, scheduler, step: int) -> dict:
     """`epochs` shuffled passes of minibatch optimiser steps; returns the mean of their metrics."""
     size, totals, n = engine.cfg.batch_size, {}, 0
-    algorithm.probe = None  # the first minibatch records max |logp(rollout) - logp(train)|
+    algorithm.probe = None  # the first minibatch, before any update, records max |logp(rollout) - logp(train)|
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(engine.cfg.seed * 1_000_003 + step * 1_009 + epoch)
         order = torch.randperm(len(rows), generator=g).tolist()
         for start in range(0, len(rows), size):
+            algorithm.probing = n == 0
             metrics = engine.train_step(model, algorithm, [rows[i] for i in order[start : start + size]],
                                         optimizer, scheduler)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n += 1
+    algorithm.probing = False
     out = {k: v / max(n, 1) for k, v in totals.items()}
     if algorithm.probe is not None:  # every process's first minibatch: the max over the processes
         probe = torch.tensor(algorithm.probe, device=engine.accelerator.device)
