@@ -1,6 +1,6 @@
 """DPO step speed and memory: alignkit vs TRL's DPOTrainer on the same workload, side by side.
 
-    python benchmarks/dpo_step.py                      # the "tiny" workload of shared/BENCHMARK.md
+    python benchmarks/dpo_step.py                      # the "tiny" workload of ../shared/BENCHMARK.md
     python benchmarks/dpo_step.py --model smollm2      # embedded SmolLM2-135M-Instruct with LoRA r=16
     python benchmarks/dpo_step.py --steps 3 --warmup 1 --repeats 1 --rows 32   # a quick smoke run
 

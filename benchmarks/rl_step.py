@@ -7,7 +7,7 @@ same workload when TRL is installed (bench-only dependency).
     python benchmarks/rl_step.py --model smollm2 --memory          # LoRA PPO peak RSS vs one model's full FT
     python benchmarks/rl_step.py --gpu --threads 8 --algos grpo rloo  # on a GPU: bf16 autocast, both toolkits
 
-Workload "tiny" (shared/BENCHMARK.md): the benchmark Llama (5.2M parameters, seed 0) and tokenizer;
+Workload "tiny" (../shared/BENCHMARK.md): the benchmark Llama (5.2M parameters, seed 0) and tokenizer;
 256 prompts of exactly 32 tokens; at most 32 new tokens, temperature 1, no top-k/top-p, stop at EOS;
 8 responses per step (GRPO/RLOO: 2 prompts x 4), one optimiser step per rollout (PPO: 8 prompts,
 one epoch, one minibatch), AdamW lr 1e-5, float32, 2 threads, KL beta 0.05 to a frozen reference

@@ -141,9 +141,9 @@ def run_best_of_n(cfg: BestOfNConfig) -> str:
     s = cfg.sampling
     plain = s.temperature == 1 and s.top_k == 0 and s.top_p == 1 and s.min_new_tokens == 0
     if not plain:  # the samples come from a reshaped policy, whose own KL to the policy is unknown here
-        log.warning("sampling reshapes the policy (temperature, top_k, top_p or min_new_tokens): log N - (N-1)/N is the "
-                    "KL to that sampler, not to the policy, so summary.json leaves kl_analytic null (the report then "
-                    "shows best-of-N in its table but not on the KL plots)")
+        log.warning("sampling reshapes the policy (temperature, top_k, top_p or min_new_tokens): log N - (N-1)/N is "
+                    "the KL to that sampler, not to the policy, so summary.json leaves kl_analytic null (the report "
+                    "then shows best-of-N in its table but not on the KL plots)")
     picks, summary = {}, []
     for n in sorted(set(cfg.n)):
         picks[n] = best = pick_best(sampled, n)

@@ -1,6 +1,6 @@
 """Tiny random models and a tiny tokenizer, built in-process with no hub access.
 
-Used by the tests (seconds) and by the "tiny" benchmark workload of `shared/BENCHMARK.md`:
+Used by the tests (seconds) and by the "tiny" benchmark workload of `../shared/BENCHMARK.md`:
 byte-level BPE with vocab 2048 trained on seeded pseudo-word text, specials `<|endoftext|>` (eos)
 and `<|pad|>` (pad), left padding; Llama or GPT-2 shaped causal LMs with random weights.
 """

@@ -68,7 +68,7 @@ class TokenChooser:
         if 0 < self.top_k < vocab:
             values, index = torch.topk(scaled, self.top_k, dim=-1)  # (B, k), sorted descending
             kth = values[:, -1:]
-            extra = int(((scaled == kth).sum(-1) - (values == kth).sum(-1)).max())  # tokens tied with the k-th, left out
+            extra = int(((scaled == kth).sum(-1) - (values == kth).sum(-1)).max())  # ties with the k-th left out
             if extra:  # as HF's top-k: every token tied with the k-th stays
                 values, index = torch.topk(scaled, min(self.top_k + extra, vocab), dim=-1)
                 values = values.masked_fill(values < kth, float("-inf"))
