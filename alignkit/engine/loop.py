@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +37,10 @@ from alignkit.errors import UserError
 from alignkit.models.load import cpu_processes
 
 log = logging.getLogger(__name__)
+
+# torch deprecates `broadcast_buffers` for `forward_sync_buffers`, which accelerate's DDP kwargs cannot pass yet; the
+# warning itself says to keep `broadcast_buffers=False` for now (printed by every process of every DDP run)
+warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
 
 # The settings that place a step in the data (the batches of an epoch, the prompts of an RL step follow from the
