@@ -225,6 +225,8 @@ def test_a_labeler_sees_only_their_own_work(lab):
 def test_export_is_ready_for_rm_and_dpo_and_agreement_is_right(lab, capsys):
     app = lab(per_prompt=2)
     ann, bob = app.client("ann"), app.client("bob")
+    # no labels yet: refused, as by the CLI (the page returned 200 with an empty file)
+    assert "nothing to export" in app.client("boss").get("/admin/export?format=pairs").text
     # both labelers get p0 first; rank it in file indices: ann 0 > 1 > 2 > 3, bob 0 > (1 = 2) > 3
     for client, ranking in ((ann, [0, 1, 2, 3]), (bob, [0, [1, 2], 3])):
         page = client.get("/label")
@@ -288,17 +290,39 @@ def test_export_has_the_labelers_ranking_not_the_imported_files(tmp_path):
 @pytest.mark.parametrize("first, second, key", [
     ({"prompt_id": 5}, {"id": "5"}, "'5'"),
     ({"prompt_id": 5}, {"prompt_id": "5"}, "'5'"),
-    ({}, {}, "'sha1:"),  # no ids: the same prompt and completions twice
 ])
 def test_import_refuses_two_rows_of_a_file_with_one_prompt_id(tmp_path, capsys, first, second, key):
     sets = tmp_path / "sets.jsonl"
     row = {"prompt": "a", "completions": ["x", "y"]}
-    sets.write_text(json.dumps({**row, **first}) + "\n\n" + json.dumps({**row, **second}) + "\n")
+    other = {**row, "completions": ["x", "z"]}
+    sets.write_text(json.dumps({**row, **first}) + "\n\n" + json.dumps({**other, **second}) + "\n")
     dbp = str(tmp_path / "l.db")
     assert cli_main(["label", "import", "--db", dbp, str(sets)]) == 2
     err = capsys.readouterr().err
     assert f"{sets}:1 and {sets}:3 both get the prompt id {key}" in err and err.count("\n") == 1
     assert db.count(db.connect(f"sqlite:///{dbp}"), db.prompts) == 0
+
+
+def test_import_keys_content_and_exports(tmp_path, capsys):
+    """A second rollout file (prompt ids 0, 1, ... again) was dropped as "already present"; an export imported back
+    became one prompt per label (p0#1, p0#2) and lost the prompt ids."""
+    dbp = str(tmp_path / "l.db")
+    for n, prompts in enumerate((["Review Jaws.", "Review Alien."], ["Review Heat.", "Review Up."])):
+        path = tmp_path / f"rollout{n}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": t, "completions": ["x", "y"], "prompt_id": i}) + "\n"
+                                for i, t in enumerate(prompts)))
+        assert cli_main(["label", "import", "--db", dbp, str(path)]) == (0 if n == 0 else 2)
+    err = capsys.readouterr().err
+    assert "rollout1.jsonl:1 and the database's prompt both get the prompt id '0'" in err
+    assert db.count(db.connect(f"sqlite:///{dbp}"), db.prompts) == 2  # nothing of the second file
+    export = tmp_path / "export.jsonl"  # two labels of p0, as `label export --format rankings` writes them
+    export.write_text("".join(json.dumps({"id": f"p0#{i}", "source_prompt_id": "p0", "labeler": name, "prompt": "a",
+                                          "completions": ["x", "y"], "ranking": [0, 1]}) + "\n"
+                              for i, name in ((1, "ann"), (2, "bob"))))
+    engine = db.connect(f"sqlite:///{tmp_path / 'again.db'}")
+    assert db.import_completion_sets(engine, export) == (1, 0)
+    with db.read_tx(engine) as conn:
+        assert list(conn.execute(db.select(db.prompts.c.prompt_id)).scalars()) == ["p0"]
 
 
 def test_import_refuses_more_completions_than_the_page_can_name(tmp_path, capsys):

@@ -21,7 +21,7 @@ from alignkit.errors import UserError
 from alignkit.feedback import db
 from alignkit.feedback.auth import COOKIE, Forbidden, NeedSignIn, Session, check_csrf, new_cookie, session_of
 from alignkit.feedback.forms import DIMENSIONS, FLAGS, MAX_NOTE, SCALE, FormError, parse_label_form
-from alignkit.feedback.report import export_rows, progress
+from alignkit.feedback.report import NOTHING_TO_EXPORT, export_rows, progress
 from alignkit.feedback.templates import CSP, environment
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # a completion's name on the page: db.MAX_K = 26 at most
@@ -202,6 +202,9 @@ def _admin_routes(app: FastAPI, ctx: Context) -> None:
     def export(format: str = "pairs", s: Session = Depends(admin)):
         if format not in ("rankings", "pairs"):
             return ctx.page("message", s, status=400, message="format must be rankings or pairs")
-        body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in export_rows(ctx.engine, format))
+        rows = export_rows(ctx.engine, format)
+        if not rows:  # as the CLI: an empty file would pass for an export
+            return ctx.page("message", s, status=404, message=NOTHING_TO_EXPORT)
+        body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         return Response(body, media_type="application/x-ndjson",
                         headers={"Content-Disposition": f'attachment; filename="{format}.jsonl"'})

@@ -163,43 +163,55 @@ def find_labeler(engine: Engine, *, token: str | None = None, labeler_id: int | 
 
 
 def _import_id(row: dict) -> str:
-    pid = row.get("prompt_id", row.get("id"))
+    pid = next((row[k] for k in ("prompt_id", "source_prompt_id", "id") if row.get(k) is not None), None)
     if pid is not None:
         return str(pid)
     content = prompt_key(row) + json.dumps(row["completions"], ensure_ascii=False)
     return "sha1:" + hashlib.sha1(content.encode()).hexdigest()[:16]
 
 
+def _content(row: dict) -> tuple[str, str]:
+    """(prompt, completions) of a row as the database stores them."""
+    return json.dumps(prompt_fields(row), ensure_ascii=False), json.dumps(row["completions"], ensure_ascii=False)
+
+
 def import_completion_sets(engine: Engine, path) -> tuple[int, int]:
     """Load `{prompt|messages, completions: [K <= MAX_K], prompt_id?}` rows; returns (added, already present).
 
-    A row's key is its `prompt_id` (else `id`, else a hash of prompt and completions), compared as text, so
-    importing the same file twice adds nothing; two rows of one file with one key are an error. The other
-    fields are passed on at export, but not those a label derives (`carried_fields`: a labelled file's own
-    `ranking`, `chosen`, `label`, ...) nor those of a label (`LABEL_FIELDS`: an imported export's labeler, note,
-    ...), which the labelers' own replace; `gold` is kept.
+    A row's key is its `prompt_id` (else an export's `source_prompt_id`, else `id`, else a hash of prompt and
+    completions), compared as text, so importing the same file twice adds nothing, and an export (one row per
+    label) comes back as one prompt per prompt. A key that holds another prompt or other completions, in the
+    file or in the database (e.g. two rollout files, both numbering their rows 0, 1, ...), is an error and
+    nothing is imported. The other fields are passed on at export, but not those a label derives
+    (`carried_fields`: a labelled file's own `ranking`, `chosen`, `label`, ...) nor those of a label
+    (`LABEL_FIELDS`: an imported export's labeler, note, ...), which the labelers' own replace; `gold` is kept.
     """
     rows: dict[str, tuple[str, dict]] = {}
+    clash = ("both get the prompt id {pid!r} (its prompt_id, else source_prompt_id, else id, as text) but differ "
+             "in prompt or completions; give every row its own prompt_id")
     for where, row in read_located(path, COMPLETIONS_SCHEMA):
         if len(row["completions"]) > MAX_K:
             raise UserError(f"{where}: {len(row['completions'])} completions; the labelling app shows at most "
                             f"{MAX_K} per prompt (A to Z): split the set or keep fewer completions")
         pid = _import_id(row)
-        first = rows.setdefault(pid, (where, row))[0]
-        if first != where:
-            raise UserError(f"{first} and {where} both get the prompt id {pid!r} (its prompt_id, else its id, as "
-                            "text, else a hash of prompt and completions); give every row its own prompt_id")
+        first, kept = rows.setdefault(pid, (where, row))
+        if first != where and _content(kept) != _content(row):
+            raise UserError(f"{first} and {where} " + clash.format(pid=pid))
     added = 0
     with write_tx(engine) as conn:
-        present = set(conn.execute(select(prompts.c.prompt_id)).scalars())
-        for pid, (_, row) in rows.items():
+        present = {r["prompt_id"]: (r["prompt_json"], r["completions_json"])
+                   for r in conn.execute(select(prompts.c.prompt_id, prompts.c.prompt_json,
+                                                prompts.c.completions_json)).mappings()}
+        for pid, (where, row) in rows.items():
             if pid in present:
+                if present[pid] != _content(row):
+                    raise UserError(f"{where} and the database's prompt " + clash.format(pid=pid))
                 continue
             kept = (carried_fields(row).keys() | {"gold"}) - LABEL_FIELDS
             extra = {k: v for k, v in row.items() if k in kept}
+            prompt_json, completions_json = _content(row)
             conn.execute(insert(prompts).values(
-                prompt_id=pid, prompt_json=json.dumps(prompt_fields(row), ensure_ascii=False),
-                completions_json=json.dumps(row["completions"], ensure_ascii=False),
+                prompt_id=pid, prompt_json=prompt_json, completions_json=completions_json,
                 extra_json=json.dumps(extra, ensure_ascii=False), k=len(row["completions"]), assigned=0))
             added += 1
     return added, len(rows) - added

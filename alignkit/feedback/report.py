@@ -41,6 +41,9 @@ def ranking_rows(engine: Engine, details: bool = True) -> list[dict]:
     return rows
 
 
+NOTHING_TO_EXPORT = "nothing to export: no labels (or, for pairs, only ties) in the database"
+
+
 def export_rows(engine: Engine, fmt: str) -> list[dict]:
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -53,7 +56,7 @@ def export(engine: Engine, fmt: str, output: str) -> int:
     """Write the export atomically; returns the number of rows."""
     rows = export_rows(engine, fmt)
     if not rows:
-        raise UserError("nothing to export: no labels (or, for pairs, only ties) in the database")
+        raise UserError(NOTHING_TO_EXPORT)
     write_jsonl(output, rows)
     return len(rows)
 
