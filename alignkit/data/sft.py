@@ -162,18 +162,16 @@ class SFTCollator:
         input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)  # (B, T)
         labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-        packed = "position_ids" in examples[0]
-        position_ids = torch.arange(longest).repeat(len(examples), 1)  # (B, T)
         for b, ex in enumerate(examples):
             n = len(ex["input_ids"])
             input_ids[b, :n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
             labels[b, :n] = torch.as_tensor(ex["labels"], dtype=torch.long)
             attention_mask[b, :n] = 1
-            if packed:
-                position_ids[b, :n] = torch.as_tensor(ex["position_ids"], dtype=torch.long)
-                position_ids[b, n:] = torch.arange(longest - n)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        return {**batch, "position_ids": position_ids} if packed else batch
+        if "position_ids" in examples[0]:  # packed blocks
+            batch["position_ids"] = torch.stack([  # (B, T); the padding counts from 0 again
+                torch.as_tensor([*ex["position_ids"], *range(longest - len(ex["position_ids"]))]) for ex in examples])
+        return batch
 
     num_target_tokens = staticmethod(num_target_tokens)
 
