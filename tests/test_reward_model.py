@@ -330,3 +330,23 @@ def test_a_causal_lm_is_not_taken_for_a_reward_model(tiny_llama_dir, capsys):
     with pytest.raises(UserError, match="is not a reward model: it has 2 outputs"):
         RewardModel(tiny_llama_dir)
     assert "LOAD REPORT" not in capsys.readouterr().err
+
+
+def test_a_lora_reward_models_head_trains_in_float32_where_auto_is_bf16(tiny_llama_dir, monkeypatch):
+    """On a GPU with bf16, `auto` loads a LoRA reward model's base in bf16; its head trains in full (PEFT's
+    modules_to_save), and stayed bf16: AdamW's updates below bf16's resolution were lost (CUDA checks faked)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr("alignkit.models.reward.default_device", lambda: torch.device("cpu"))
+    model = load_reward_model(ModelConfig(path=tiny_llama_dir), 0, LoraConfig(r=2))
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trained) and {p.dtype for p in trained.values()} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids).logits.sum().backward()
+    assert model(input_ids=ids).logits.dtype == torch.float32  # outside autocast too (the final evaluation)
+    head = reward_head(model)
+    before = head.weight.detach().clone()
+    torch.optim.AdamW([head.weight], lr=1e-5).step()
+    assert not torch.equal(head.weight, before)  # in bf16 this step of 1e-5 changed no weight

@@ -43,18 +43,23 @@ def _without_dropout(config) -> None:
             setattr(config, key, 0.0)
 
 
-def reward_head(model) -> torch.nn.Linear:
-    """The output layer of the scalar head (`score` or `classifier`; the last Linear inside it)."""
+def _head_module(model) -> torch.nn.Module:
+    """The scalar head (`score` or `classifier`; under LoRA its trained copy)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for name in HEAD_NAMES:
         module = getattr(base, name, None)
-        if module is None:
-            continue
-        module = getattr(module, "modules_to_save", {}).get("default", module)  # a PEFT-wrapped head
-        linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
-        if linears:
-            return linears[-1]
+        if module is not None:
+            trained = getattr(module, "modules_to_save", None)  # a PEFT-wrapped head: its trained copy
+            return trained["default"] if trained is not None else module
     raise UserError(f"cannot find the reward head of {type(base).__name__} (looked for {', '.join(HEAD_NAMES)})")
+
+
+def reward_head(model) -> torch.nn.Linear:
+    """The output layer of the scalar head (the last Linear inside it)."""
+    linears = [m for m in _head_module(model).modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise UserError(f"the reward head of {type(model).__name__} has no linear layer")
+    return linears[-1]
 
 
 def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConfig | None = None,
@@ -88,6 +93,8 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConf
     if lora_r:
         model = add_reward_lora(model, lora)
         disable_dropout(model)  # lora.dropout
+        if resolve_dtype(cfg.dtype, trained=True) != resolve_dtype(cfg.dtype):  # `auto` on a bf16 GPU
+            _float32_head(model)
     if freeze_layers:
         freeze_bottom(model, freeze_layers)
     return model.train()
@@ -97,6 +104,18 @@ def add_reward_lora(model, lora: LoraConfig):
     """LoRA on the backbone; the head trains in full (PEFT's SEQ_CLS task keeps it in `modules_to_save`)."""
     head_name = next(n for n in HEAD_NAMES if hasattr(model, n))
     return add_lora(model, lora, task_type="SEQ_CLS", modules_to_save=[head_name])
+
+
+def _float32_inputs(module, args):
+    return tuple(a.float() if torch.is_floating_point(a) else a for a in args)
+
+
+def _float32_head(model) -> None:
+    """A LoRA reward model's head trains in full, so it keeps float32 master weights on a bf16 base (PEFT upcasts
+    the adapters, not `modules_to_save`: AdamW's small updates to a bf16 head round away). The states it reads
+    are cast to float32, so it also runs outside autocast (the final evaluation)."""
+    head = _head_module(model).float()
+    head.register_forward_pre_hook(_float32_inputs)
 
 
 def transformer_blocks(model) -> torch.nn.ModuleList:
