@@ -242,9 +242,14 @@ def test_kto_rows_pair_each_prompt_with_another_completion(tmp_path):
     pairs = make_pairs(6)
     rows = load_unpaired(str(write_jsonl(tmp_path / "p.jsonl", pairs)), tok, 64)
     assert len(rows) == 12 and sum(r["desirable"] for r in rows) == 6
-    completions = sorted(tuple(r["seqs"][0][1]) for r in rows)
-    assert sorted(tuple(r["seqs"][1][1]) for r in rows) == completions  # each completion used once
-    assert all(r["seqs"][0][1] != r["seqs"][1][1] for r in rows)
+    prompt_of = {tuple(r["seqs"][0][1]): r["prompt"] for r in rows}
+    assert all(prompt_of[tuple(r["seqs"][1][1])] != r["prompt"] for r in rows)  # another prompt's completion
+    # four completions per prompt: the shuffled rotation took one of the same prompt (a matched pair) 1 time in 4
+    many = [{"prompt": f"review {p}", "completion": f"text {p} {j}", "label": j % 2 == 0} for p in range(3)
+            for j in range(4)]
+    rows = load_unpaired(str(write_jsonl(tmp_path / "m.jsonl", many)), tok, 64)
+    prompt_of = {tuple(r["seqs"][0][1]): r["prompt"] for r in rows}
+    assert all(prompt_of[tuple(r["seqs"][1][1])] != r["prompt"] for r in rows)
     unpaired = [{"prompt": f"review {i}", "completion": f"text {i}", "label": i % 2 == 0} for i in range(4)]
     rows = load_unpaired(str(write_jsonl(tmp_path / "u.jsonl", unpaired)), tok, 64)
     assert [r["desirable"] for r in rows] == [True, False, True, False]
@@ -377,3 +382,24 @@ def test_two_processes_log_the_metrics_of_one(tmp_path, pair_files, tiny_llama_d
                 if key not in ("tokens_per_s", "eval/tokens_per_s") and a[key] is not None:
                     assert b[key] == pytest.approx(a[key], abs=1e-4), (stem, key)
     assert 0.5 < logs["ddp-eval"][-1]["eval/rewards/accuracy"] <= 1.0
+
+
+def test_logged_logps_are_what_each_loss_reads(tmp_path):
+    """logps/chosen was the summed log-prob for every loss; SimPO, ORPO and IPO read per-token means (as TRL logs)."""
+    tok, rows = _pairs(tmp_path, 4)
+    model = tiny_llama(seed=3)
+    batch = _spec_algorithm("dpo", tok, Reference()).prepare(rows)
+    sums, counts = pair_logps(model, batch)
+    for loss, expected in (("dpo", sums), ("simpo", sums / counts), ("orpo", sums / counts)):
+        _, metrics = _spec_algorithm(loss, tok, Reference()).loss(model, batch, normaliser=4)
+        assert float(metrics["logps/chosen"]) == pytest.approx(float(expected[:, 0].mean()), rel=1e-5)
+        assert float(metrics["logps/rejected"]) == pytest.approx(float(expected[:, 1].mean()), rel=1e-5)
+
+
+def test_a_pairs_margin_is_not_taken_silently(tmp_path, caplog):
+    """The pairs format's `margin` is read by `alignkit rm` only; the DPO family dropped it without a word."""
+    tok = tiny_tokenizer()
+    pairs = make_pairs(3)
+    pairs[1]["margin"] = 0.5
+    load_pairs(str(write_jsonl(tmp_path / "m.jsonl", pairs)), tok, 64)
+    assert "'margin' of 1 pairs (first " in caplog.text and "m.jsonl:2)" in caplog.text

@@ -87,6 +87,16 @@ def test_a_reward_model_is_not_a_causal_lm(tmp_path):
         load_causal_lm(ModelConfig(str(path)))
 
 
+def test_a_lora_adapter_is_not_taken_for_a_model(tiny_llama_dir, tmp_path):
+    """An adapter directory loaded as base + adapter, which a new LoRA then wrapped: the policy started from the
+    base and its adapter-off reference was the base too, the adapter lost without a word."""
+    policy = load_causal_lm(ModelConfig(path=tiny_llama_dir), LoraConfig(r=2))
+    save_model(policy, tiny_tokenizer(), tmp_path)
+    with pytest.raises(UserError, match=r"adapter' is a LoRA adapter, not a model: .*model/ beside its adapter/"):
+        load_causal_lm(ModelConfig(str(tmp_path / "adapter")), LoraConfig(r=2))
+    load_causal_lm(ModelConfig(str(tmp_path / "model")), LoraConfig(r=2))  # the merged one
+
+
 def test_saved_files_arrive_with_the_weights(tiny_llama_dir, tmp_path, monkeypatch):
     """A reward model's normalisation was written after model/ was renamed into place: a kill in between left a
     model that counted as done and scored without its gain and bias."""

@@ -169,9 +169,8 @@ class PairPreference(_Preference):
         if self.spec.soft_labels:
             inputs["label"] = batch["label"]
         loss, metrics = self.spec.fn(**inputs, **self.hyper, normaliser=normaliser)
-        chosen_sums, rejected_sums = sums.detach().sum(0)
-        metrics["logps/chosen"] = chosen_sums / normaliser
-        metrics["logps/rejected"] = rejected_sums / normaliser
+        metrics["logps/chosen"] = chosen.detach().sum() / normaliser  # what the loss reads: SimPO's, ORPO's and
+        metrics["logps/rejected"] = rejected.detach().sum() / normaliser  # IPO's are per-token means
         return loss, metrics
 
 

@@ -90,7 +90,12 @@ def _warn_dropped(path, dropped: int, total: int, max_length: int) -> None:
 def _pair_rows(path) -> list[tuple[str, dict]]:
     """("file:line", pair) of a pairs or rankings file (a ranking expands to all its untied pairs)."""
     if preference_kind(path) == "pairs":
-        return read_located(path, PAIR_SCHEMA)
+        located = read_located(path, PAIR_SCHEMA)
+        with_margin = [where for where, row in located if row.get("margin")]
+        if with_margin:
+            log.warning("%s: the DPO-family losses take no margin; the 'margin' of %d pairs (first %s) is left "
+                        "unused (alignkit rm uses it)", path, len(with_margin), with_margin[0])
+        return located
     return [(where, pair) for where, row in read_located(path, RANKING_SCHEMA) for pair in rankings_to_pairs([row])]
 
 
@@ -128,20 +133,24 @@ def _unpaired_rows(path) -> list[tuple[str, dict]]:
 def load_unpaired(path, tokenizer, max_length: int, chat_template: bool = True, seed: int = 0) -> list[dict]:
     """Tokenised KTO rows `{"seqs": [completion, mismatched], "desirable": bool}`.
 
-    The mismatched sequence pairs the row's prompt with the completion of the next row in a seeded
-    shuffle (a rotation, so every completion is used once), which fixes it per row and lets its
-    reference log-prob be cached like the others. A pairs or rankings file is split into
-    desirable (chosen) and undesirable (rejected) rows.
+    The mismatched sequence pairs the row's prompt with the completion of the row before it in a
+    seeded shuffle whose prompt differs (a rotation, so every completion is used about once), which
+    fixes it per row and lets its reference log-prob be cached like the others. A pairs or rankings
+    file is split into desirable (chosen) and undesirable (rejected) rows.
     """
     located = _unpaired_rows(path)
     if len(located) < 2:
         raise UserError(f"{path}: KTO needs at least 2 rows (the reference point pairs prompts with other completions)")
+    prompts = [prompt_of(row) for _, row in located]
     order = list(range(len(located)))
     random.Random(seed).shuffle(order)
-    other = {order[i]: order[i - 1] for i in range(len(order))}
+    other = {}
+    for i, row in enumerate(order):
+        back = next((k for k in range(1, len(order)) if prompts[order[i - k]] != prompts[row]), 1)
+        other[row] = order[i - back]  # the completion of another prompt (of the same only if there is no other)
     out = []
     for i, (where, row) in enumerate(located):
-        prompt = prompt_of(row)
+        prompt = prompts[i]
         mismatched = located[other[i]][1]["completion"]
         seqs = [tokenize_completion(prompt, text, tokenizer, max_length, chat_template, where)
                 for text in (row["completion"], mismatched)]

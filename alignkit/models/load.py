@@ -128,6 +128,11 @@ def from_pretrained(cls, name: str | os.PathLike, what: str, **kwargs):
     run = Path(resolved)
     if run.is_dir() and not (run / "config.json").exists() and (run / "model" / "config.json").exists():
         raise UserError(f"'{os.fspath(name)}' is a run directory, not a model; its model is '{run / 'model'}'")
+    if run.is_dir() and not (run / "config.json").exists() and (run / "adapter_config.json").exists():
+        # transformers would load base + adapter, which a new LoRA then wraps: its adapter-off reference and
+        # the policy it starts from would both be the base, without the adapter
+        raise UserError(f"'{os.fspath(name)}' is a LoRA adapter, not a model: give the merged model (an alignkit "
+                        f"run's model/ beside its adapter/), or merge it first (PEFT's merge_and_unload)")
     try:
         return cls.from_pretrained(resolved, **kwargs)
     except OSError as e:
