@@ -331,6 +331,18 @@ def test_train_options_that_do_not_apply_online_are_refused(setting):
         load_config(GRPOConfig, None, [setting])
 
 
+def test_sampling_settings_that_bias_the_kl(caplog):
+    """An adaptive controller from beta 0 stayed at 0; a truncated sampler (top-k/top-p, a minimum length) made the
+    KL to the reference read 15x too high, without a word."""
+    with pytest.raises(UserError, match="kl.controller=adaptive needs kl.beta > 0"):
+        load_config(PPOConfig, None, ["kl.controller=adaptive", "kl.beta=0"])
+    load_config(GRPOConfig, None, ["sampling.top_p=0.9", "sampling.top_k=20"])
+    assert "sampling.top_k, sampling.top_p: responses come from a truncated distribution" in caplog.text
+    caplog.clear()
+    load_config(GRPOConfig, None, ["sampling.temperature=0.7"])  # one temperature everywhere: no bias
+    assert not caplog.text
+
+
 def test_a_resumed_adaptive_beta_says_where_it_continues_from(caplog):
     """The resume warning listed kl.beta 0.05 -> 0.5 as a change, but the adaptive controller went on from the
     checkpoint's beta without a word."""

@@ -39,6 +39,8 @@ class KLConfig:
         check_interval("kl.beta", self.beta, 0, None)
         check_interval("kl.target", self.target, 0, None, "()")
         check_interval("kl.horizon", self.horizon, 1, None)
+        if self.controller == "adaptive" and self.beta == 0:
+            raise UserError("kl.controller=adaptive needs kl.beta > 0 to start from: it scales beta, and 0 stays 0")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,13 @@ class OnlineStageConfig:
         if not self.sampling.do_sample:
             raise UserError("sampling.do_sample must be true for RL: the policy gradient and the KL estimate need "
                             "samples of the policy (greedy decoding gave a GRPO group identical responses: no update)")
+        s = self.sampling
+        truncated = [f"sampling.{k}" for k, on in (("top_k", s.top_k > 0), ("top_p", s.top_p < 1),
+                                                   ("min_new_tokens", s.min_new_tokens > 0)) if on]
+        if truncated:
+            log.warning("%s: responses come from a truncated distribution, but their log-probs, the KL to the "
+                        "reference and the policy gradient are the policy's: the KL is overestimated (15x with "
+                        "top_k=20 on a tiny model) and the gradient is biased", ", ".join(truncated))
 
 
 class OnlineAlgorithm:
