@@ -208,6 +208,32 @@ def test_a_null_sampling_seed_draws_from_torchs_global_generator(tmp_path, tiny_
     assert samples("c", 1, 0) == samples("d", 2, 0)  # a given seed fixes the samples
 
 
+def test_rejection_sampling_rounds_draw_new_samples_with_a_null_seed(tmp_path, tiny_llama_dir):
+    """With sampling.seed=null each round's engine re-seeded torch's global generator: rounds 2 and 3 drew the same
+    numbers (the same samples, from a policy that did not move)."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {i}"} for i in range(4)])
+    cfg = RejectionSamplingConfig(
+        model=ModelConfig(tiny_llama_dir), prompts=str(prompts), reward="test_best_of_n:n_chars", rounds=3, n=2,
+        max_length=64, sampling=SamplingConfig(max_new_tokens=8, seed=None), output_dir=str(tmp_path / "rs"),
+        train=TrainConfig(batch_size=4, micro_batch_size=4, max_steps=1, lr=1e-30, report_to=[]))
+    run_rejection_sampling(cfg)
+    samples = [(tmp_path / "rs" / f"round{r}" / "samples.jsonl").read_text() for r in (1, 2, 3)]
+    assert len(set(samples)) == 3
+
+
+def test_rejection_sampling_says_why_a_round_has_too_few_rows(tmp_path, tiny_llama_dir):
+    """Kept completions that max_length leaves nothing of gave 'only 0 training rows', after round1/ was written."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {i}"} for i in range(4)])
+    cfg = RejectionSamplingConfig(
+        model=ModelConfig(tiny_llama_dir), prompts=str(prompts), reward="test_best_of_n:n_chars", n=2, max_length=2,
+        sampling=SamplingConfig(max_new_tokens=4, seed=0), output_dir=str(tmp_path / "rs"),
+        train=TrainConfig(batch_size=4, micro_batch_size=4, max_steps=1, report_to=[]))
+    with pytest.raises(UserError, match=r"round 1: 4 of the 4 kept completions are empty or leave no completion token "
+                                        r"within max_length=2"):
+        run_rejection_sampling(cfg)
+    assert not (tmp_path / "rs" / "round1").exists()
+
+
 def test_rejection_sampling_refuses_resume():
     """train.resume was listed by --print-config and ignored (in an empty output_dir the run started over)."""
     from alignkit.config import load_config

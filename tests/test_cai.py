@@ -295,6 +295,35 @@ def test_cai_label_writes_pairs_that_rm_and_dpo_read(tmp_path, tiny_llama_dir):
         run_cai_label(CAILabelConfig())
 
 
+def test_cai_label_refuses_no_pairs_and_a_non_finite_gold(tmp_path, tiny_llama_dir, monkeypatch):
+    """Copies of one text only: torch.cat of nothing (a traceback); a gold judge's NaN: agreement 0.000, exit 0."""
+    import math
+    import sys
+    import types
+
+    judge = JudgeConfig(model=ModelConfig(path=tiny_llama_dir))
+    copies = write_jsonl(tmp_path / "copies.jsonl", [{"prompt": "r0", "completions": ["a", "a"]}])
+    with pytest.raises(UserError, match="copies.jsonl: no pairs to judge"):
+        run_cai_label(CAILabelConfig(judge=judge, input=str(copies), output=str(tmp_path / "o.jsonl")))
+    monkeypatch.setitem(sys.modules, "nan_gold", types.SimpleNamespace(f=lambda text: math.nan))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "r", "chosen": "good", "rejected": "bad"}])
+    with pytest.raises(UserError, match="the gold judge .*not finite|the gold judge.*nan"):
+        run_cai_label(CAILabelConfig(judge=judge, input=str(pairs), output=str(tmp_path / "o.jsonl"), gold="nan_gold:f"))
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_revise_writes_nothing_when_every_revision_is_empty(tmp_path, tiny_llama_dir, monkeypatch):
+    """traces.jsonl was written before the check: beside an earlier run's sft.jsonl, from another run."""
+    import alignkit.algorithms.constitutional as cai
+
+    monkeypatch.setattr(cai, "revise", lambda *a, **k: [{"prompt": "p", "response": "", "revision": "", "rounds": []}])
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "review ab"}])
+    with pytest.raises(UserError, match="every final revision is empty"):
+        run_cai_revise(ReviseConfig(model=ModelConfig(path=tiny_llama_dir), prompts=str(prompts),
+                                    output_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run" / "traces.jsonl").exists()
+
+
 def test_revise_traces_and_sft_dataset(tmp_path, tiny_llama_dir):
     from alignkit.data.jsonl import SFT_SCHEMA, read_rows
 

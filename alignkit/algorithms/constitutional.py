@@ -155,10 +155,10 @@ def run_cai_revise(cfg: ReviseConfig) -> str:
     model = load_causal_lm(cfg.model, trainable=False)
     traces = revise(model, tokenizer, rows, principles, cfg.rounds, cfg.sampling, cfg.batch_size, cfg.seed)
     out = Path(cfg.output_dir)
-    write_jsonl(out / "traces.jsonl", traces)
     sft = [s for s in map(sft_row, traces) if s is not None]
-    if not sft:
+    if not sft:  # before anything is written: the traces of this run beside an earlier run's SFT data
         raise UserError("every final revision is empty; raise sampling.max_new_tokens or check the model")
+    write_jsonl(out / "traces.jsonl", traces)
     write_jsonl(out / "sft.jsonl", sft)
     changed = sum(t["revision"] != t["response"] for t in traces)
     log.info("%d prompts, %d round(s): %d revisions differ from the first response; SFT data: %s",
@@ -174,7 +174,7 @@ def pairs_to_judge(path: str) -> list[tuple[dict, str, str]]:
     one; prompt ids and carried fields as in `rankings_to_pairs`, a per-completion `gold` list as chosen_gold /
     rejected_gold)."""
     first = next(iter_rows(path, None), (None, {}))[1]
-    if "chosen" in first:
+    if "chosen" in first or "rejected" in first:
         drop = ("chosen", "rejected", "label", "margin")
         return [({k: v for k, v in row.items() if k not in drop}, row["chosen"], row["rejected"])
                 for row in read_pairs(path)]
@@ -299,12 +299,17 @@ def run_cai_label(cfg: CAILabelConfig) -> str:
 
         path = str(build_preference_demo()["pairs_eval"])
     items = pairs_to_judge(path)[: cfg.max_pairs]
+    if not items:
+        raise UserError(f"{path}: no pairs to judge (every completion set holds copies of one text)")
+    gap = None
+    if gold is not None:  # before the judge's work: a non-finite gold score is refused
+        from alignkit.algorithms.best_of_n import score_rows
+
+        bases = [base for base, _, _ in items]
+        gap = (score_rows(gold, bases, [a for _, a, _ in items], "the gold judge")
+               - score_rows(gold, bases, [b for _, _, b in items], "the gold judge"))
     judge = load_pairwise_judge(cfg.judge)
     rows, p_ab, p_ba = label_pairs(judge, items, principles, cfg.seed, cfg.chunk)
-    gap = None
-    if gold is not None:
-        prompts = [prompt_of(base) for base, _, _ in items]
-        gap = gold.score(prompts, [a for _, a, _ in items]) - gold.score(prompts, [b for _, _, b in items])
     report = {"input": path, "judge": cfg.judge.model.path, "principles": [p.name for p in principles],
               "chain_of_thought": cfg.judge.chain_of_thought, "gold": cfg.gold, **agreement_report(p_ab, p_ba, gap)}
     write_jsonl(cfg.output, rows)

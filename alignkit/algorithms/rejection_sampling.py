@@ -88,6 +88,10 @@ def run_round(model, tokenizer, prompts: list[dict], score, cfg: RejectionSampli
                                cfg.chat_template, generator)
     kept = select_top(sampled, cfg.keep)
     examples = _tokenise(kept, tokenizer, cfg)
+    if len(examples) < cfg.train.batch_size:
+        raise UserError(f"round {r}: {len(kept) - len(examples)} of the {len(kept)} kept completions are empty or leave "
+                        f"no completion token within max_length={cfg.max_length}; {len(examples)} fine-tuning rows "
+                        f"are fewer than train.batch_size ({cfg.train.batch_size})")
     run_dir = out / f"round{r}"
     write_jsonl(run_dir / "samples.jsonl", sampled)
     model, _ = Engine(cfg.train, run_dir).fit(model, SFT(tokenizer.pad_token_id), examples, None, to_dict(cfg),
@@ -119,7 +123,11 @@ def run_rejection_sampling(cfg: RejectionSamplingConfig) -> Path:
     check_context(model, cfg.max_length, "max_length")
     out.mkdir(parents=True, exist_ok=True)
     save_config(to_dict(cfg), out / "config.yaml")
-    generator = sampling_generator(cfg.sampling, next(model.parameters()).device)  # null seed: torch's global one
+    device = next(model.parameters()).device
+    generator = sampling_generator(cfg.sampling, device)
+    if generator is None:  # null seed: a fresh one, used by every round (each round's engine re-seeds torch's own)
+        generator = torch.Generator(device=device)
+        generator.seed()
     for r in range(1, cfg.rounds + 1):
         model, line = run_round(model, tokenizer, prompts, score, cfg, r, out, generator)
         with (out / "rounds.jsonl").open("a") as f:
