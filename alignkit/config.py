@@ -115,7 +115,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _build(tp, value, where + ".")
     if origin in (list, tuple):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value] if not isinstance(value, str) else [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+            try:
+                value = [value] if not isinstance(value, str) else [yaml.safe_load(v) for v in value.split(",")
+                                                                     if v.strip()]
+            except yaml.YAMLError:
+                raise UserError(f"{where}: expected a list, got {value!r}") from None
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: expected a list, got {value!r}")
         item = args[0] if args else Any

@@ -446,3 +446,23 @@ def test_checkpoints_keep_the_fp16_loss_scale(tmp_path):
                             "train")
         scales.append(engine.accelerator.scaler.get_scale())
     assert scales == [1024.0, 1024.0]
+
+
+def test_a_killed_write_leaves_no_temp_file_in_a_run_directory(tmp_path):
+    """atomic_open's temp file (.NAME.XXXX.tmp) of a killed write stayed in the run directory for good: the engine's
+    start cleared the model's and checkpoints' temp dirs only."""
+    code = ("import os, signal\nfrom alignkit.data.jsonl import atomic_open\n"
+            f"with atomic_open({str(tmp_path / 'metrics.jsonl')!r}) as f:\n"
+            "    f.write('half')\n    f.flush()\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+    assert [p.name for p in tmp_path.iterdir()][0].startswith(".metrics.jsonl.")
+    Engine(TrainConfig(report_to=[]), tmp_path).begin({}, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_a_broken_list_override_is_one_line():
+    from alignkit.algorithms.sft import SFTConfig
+    from alignkit.config import load_config
+
+    with pytest.raises(UserError, match=r"train.adam_betas: expected a list, got '\[0.9,'"):
+        load_config(SFTConfig, None, ["train.adam_betas=[0.9,"])

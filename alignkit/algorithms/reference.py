@@ -141,6 +141,6 @@ def cache_reference(policy, algorithm, splits: dict[str, list[dict]], path: Path
     if not write:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-")  # removed by the engine's start if a kill leaves it
     torch.save(stored, tmp)
     tmp.replace(path)

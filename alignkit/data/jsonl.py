@@ -243,7 +243,8 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
         raise UserError(f"cannot write {path}: {blocking} is a file, not a directory")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")  # a killed run's: the engine's
+        # start removes .*.tmp-* from a run directory
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
     try:
