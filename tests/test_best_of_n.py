@@ -131,6 +131,19 @@ def test_best_of_n_stage(tmp_path, tiny_llama_dir):
     assert [s["kl_analytic"] for s in json.loads(open(run_best_of_n(cooler)).read())] == [None, None]
 
 
+def test_a_rerun_with_other_ns_leaves_no_stale_file_and_a_missing_reward_model_is_named(tmp_path, tiny_llama_dir):
+    """best_n4.jsonl of a run with n=[1, 4] stayed beside the best_n1/2 and summary.json of a later n=[1, 2]; a
+    reward-model directory that does not exist was 'unknown judge'."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {w}"} for w in ("abc", "def")])
+    cfg = BestOfNConfig(model=ModelConfig(tiny_llama_dir), prompts=str(prompts), reward="test_best_of_n:n_chars",
+                        n=[1, 4], sampling=SamplingConfig(max_new_tokens=4, seed=0), output_dir=str(tmp_path / "bon"))
+    run_best_of_n(cfg)
+    run_best_of_n(dataclasses.replace(cfg, n=[1, 2]))
+    assert sorted(p.name for p in (tmp_path / "bon").iterdir()) == ["best_n1.jsonl", "best_n2.jsonl", "summary.json"]
+    with pytest.raises(UserError, match=r"reward=.*/rm/model: no such reward-model directory"):
+        run_best_of_n(dataclasses.replace(cfg, reward=str(tmp_path / "rm" / "model")))
+
+
 def test_a_failing_gold_judge_leaves_no_partial_output(tmp_path, tiny_llama_dir, monkeypatch):
     """The best-of-1 file was written before the gold judge failed on best-of-2, and the error blamed the reward."""
     calls = []

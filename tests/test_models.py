@@ -78,6 +78,15 @@ def test_missing_model_path_names_it(tmp_path):
         load_tokenizer(str(tmp_path / "nope"))
 
 
+def test_a_directory_without_tokenizer_files_is_one_line(tiny_llama_dir, tmp_path):
+    """transformers' ValueError ("Couldn't instantiate the backend tokenizer ...") came out as a traceback."""
+    import shutil
+
+    shutil.copy(f"{tiny_llama_dir}/config.json", tmp_path / "config.json")
+    with pytest.raises(UserError, match=f"could not load a tokenizer from '{tmp_path}'"):
+        load_tokenizer(str(tmp_path))
+
+
 def test_a_reward_model_is_not_a_causal_lm(tmp_path):
     """A sequence classifier loads as a causal LM with a fresh head and failed deep inside generation."""
     from alignkit.models.tiny import tiny_llama

@@ -55,6 +55,8 @@ def load_reward(spec: str):
         from alignkit.rewards.reward_model import RewardModel
 
         return RewardModel(spec)
+    if Path(spec).name != spec:  # a path; a judge is 'vader' or 'package.module:function'
+        raise UserError(f"reward={spec}: no such reward-model directory")
     return load_judge(spec)
 
 
@@ -159,6 +161,9 @@ def run_best_of_n(cfg: BestOfNConfig) -> str:
         log.info("best-of-%d: analytic KL %s nats, reward %.3f%s", n, kl, line["reward"],
                  f", gold {line['gold']:.3f}" if "gold" in line else "")
     out = Path(cfg.output_dir)  # written once every N is scored: a failing judge leaves no partial output
+    for stale in out.glob("best_n*.jsonl"):  # an earlier run's N that this one does not have
+        if stale.name not in {f"best_n{n}.jsonl" for n in picks}:
+            stale.unlink()
     for n, best in picks.items():
         write_jsonl(out / f"best_n{n}.jsonl", best)
     return str(write_json(out / "summary.json", summary))

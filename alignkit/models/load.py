@@ -143,7 +143,10 @@ def load_tokenizer(path: str | os.PathLike):
     """Tokenizer with a pad token (eos when it has none) and left padding, for generation."""
     from transformers import AutoTokenizer
 
-    tok = from_pretrained(AutoTokenizer, path, "a tokenizer")
+    try:
+        tok = from_pretrained(AutoTokenizer, path, "a tokenizer")
+    except ValueError as e:  # e.g. a directory of weights without tokenizer files
+        raise UserError(f"could not load a tokenizer from '{os.fspath(path)}': {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UserError(f"tokenizer at {path} has neither a pad nor an eos token; add one to its config")
