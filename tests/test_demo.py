@@ -46,8 +46,9 @@ def test_demo_output_dir_settings_and_fresh(tmp_path):
     from alignkit.tasks.demo import SETTINGS, _start
 
     root = tmp_path / "demo"
-    _start(DemoConfig(output_dir=str(root)), root)
-    (root / "sft").mkdir()
+    _start(DemoConfig(output_dir=str(root), grpo_steps=5), root)  # e.g. a run whose SFT then failed
+    _start(DemoConfig(output_dir=str(root)), root)  # no stage finished: other settings are fine (were refused)
+    (root / "sft" / "model").mkdir(parents=True)
     _start(DemoConfig(output_dir=str(root)), root)  # same settings: the stages are reused
     assert (root / "sft").is_dir()
     with pytest.raises(UserError, match=r"other settings \(grpo_steps 12 -> 3\).*add --fresh"):

@@ -215,7 +215,7 @@ def _start(cfg: DemoConfig, root: Path) -> None:
     if holds and cfg.fresh:
         root.rename(trash)  # one step: a kill during the deletion leaves no half-deleted stage behind
         shutil.rmtree(trash)
-    elif holds:
+    elif holds and (root / "sft" / "model").exists():  # a stage has finished (SFT, the first), so would be reused
         old, new = saved_config(root / SETTINGS), flatten(_settings(cfg))
         changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
         if changed:
