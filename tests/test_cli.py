@@ -10,6 +10,7 @@ import pytest
 from alignkit.algorithms.sft import SFTConfig
 from alignkit.cli import STAGES, main
 from alignkit.config import load_config, save_config, to_dict, to_yaml
+from alignkit.data.jsonl import check_output
 from alignkit.errors import UserError
 
 
@@ -185,7 +186,7 @@ def test_unwritable_outputs_exit_2(tiny_llama_dir, tmp_path):
     a_file.write_text('{"prompt": "a", "completion": "b"}\n' * 8)
     res = _cli("sft", f"model.path={tiny_llama_dir}", f"data.train={a_file}", f"output_dir={a_file}/run")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
-        f"alignkit sft: error: {a_file}/run: Not a directory")
+        f"alignkit sft: error: cannot write {a_file}/run: {a_file} is a file, not a directory")
     rankings = tmp_path / "r.jsonl"
     rankings.write_text('{"prompt": "q", "completions": ["a", "b"], "ranking": [0, 1]}\n')
     for output, why in ((tmp_path, "it is a directory; name a file"),
@@ -194,6 +195,27 @@ def test_unwritable_outputs_exit_2(tiny_llama_dir, tmp_path):
         res = _cli("data", "rankings-to-pairs", f"input={rankings}", f"output={output}")
         assert res.returncode == 2 and res.stderr.strip() == (
             f"alignkit data rankings-to-pairs: error: cannot write {output}: {why}")
+
+
+def test_an_unwritable_output_is_refused_before_the_work(tiny_llama_dir, tmp_path, monkeypatch):
+    """generate, best-of-n, eval, cai and DPO sampled, judged or scored everything, then failed on the output."""
+    import os
+
+    from alignkit import cli
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    monkeypatch.setattr("alignkit.rollout.stage.load_tokenizer", lambda *a: pytest.fail("work before the check"))
+    monkeypatch.setattr("alignkit.algorithms.best_of_n.load_tokenizer", lambda *a: pytest.fail("work before the check"))
+    for args in (["generate", f"model.path={tiny_llama_dir}", f"prompts={prompts}", f"output={prompts}/x.jsonl"],
+                 ["best-of-n", f"model.path={tiny_llama_dir}", f"prompts={prompts}", f"output_dir={prompts}/bon"]):
+        assert cli.main(args) == 2
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(read_only) else real(p, mode))
+    with pytest.raises(UserError, match=f"cannot write {read_only}/out/x.jsonl: {read_only} is not writable"):
+        check_output(read_only / "out" / "x.jsonl")
 
 
 def test_unknown_key_and_missing_model_exit_2(tmp_path):

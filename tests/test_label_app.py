@@ -374,6 +374,46 @@ def test_cli_subcommands_and_the_simulated_stage_still_parse(tmp_path, capsys):
     assert "input: a.jsonl" in capsys.readouterr().out
 
 
+def test_a_bad_database_is_one_line_naming_the_option(tmp_path, capsys):
+    """A missing folder, a file that is no database and a malformed URL gave SQLAlchemy tracebacks (exit 1)."""
+    notdb = tmp_path / "rows.jsonl"
+    notdb.write_text('{"prompt": "p"}\n')
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for where, message in (
+            (["--db", str(notdb)], f"--db {notdb}: cannot open the database (file is not a database)"),
+            (["--db", str(tmp_path)], f"--db {tmp_path}: is a directory; give the path of an SQLite file "
+                                      "(created if missing)"),
+            (["--db", str(afile / "l.db")], f"--db {afile / 'l.db'}: {afile} is a file, not a directory"),
+            (["--url", "notaurl"], "--url notaurl: not a database URL (Could not parse SQLAlchemy URL from given URL "
+                                   "string); e.g. sqlite:///labels.db or postgresql+psycopg://user@host/db"),
+            (["--url", f"sqlite:///{tmp_path / 'no' / 'l.db'}"],
+             f"--url sqlite:///{tmp_path / 'no' / 'l.db'}: cannot open the database (unable to open database file)")):
+        for command in (["progress"], ["add-labeler", "ann"], ["import", str(notdb)],
+                        ["export", "--output", str(tmp_path / "x.jsonl")]):
+            assert cli_main(["label", *command, *where]) == 2
+            assert capsys.readouterr().err == f"alignkit label {command[0]}: error: {message}\n"
+    assert notdb.read_text() == '{"prompt": "p"}\n' and not (tmp_path / "x.jsonl").exists()
+    # a new database's folder is made, as an output's is
+    new = tmp_path / "new" / "deeper" / "l.db"
+    assert cli_main(["label", "progress", "--db", str(new)]) == 0
+    assert "0/0 prompts" in capsys.readouterr().out and new.is_file()
+
+
+def test_an_os_error_is_one_line(tmp_path, capsys, monkeypatch):
+    """An OSError, e.g. reading a file without permission (which root, running the tests, is not denied), is one
+    line and exit 2, as in `alignkit.cli.main`; it was a traceback."""
+    sets = tmp_path / "sets.jsonl"
+    sets.write_text("".join(json.dumps(r) + "\n" for r in SETS))
+
+    def unreadable(engine, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(db, "import_completion_sets", unreadable)
+    assert cli_main(["label", "import", "--db", str(tmp_path / "l.db"), str(sets)]) == 2
+    assert capsys.readouterr().err == f"alignkit label import: error: {sets}: Permission denied\n"
+
+
 def test_import_alignkit_stays_free_of_web_deps():
     import subprocess
 

@@ -226,6 +226,21 @@ def test_label_makes_no_comparison_of_copies(tmp_path):
     report = json.loads((tmp_path / "ranked.ceiling.json").read_text())
     assert report["comparisons"] == 2 and report["ceiling"] == pytest.approx(1.0)
 
+@pytest.mark.parametrize("mode", ["pairs", "rankings"])
+def test_label_refuses_sets_without_two_different_texts(tmp_path, capsys, mode):
+    """Sets that hold only copies of one text make no comparison: the stage printed a numpy warning, reported
+    a ceiling of nan, wrote an empty file and exited 0. Refused now, as `data rankings-to-pairs` refuses."""
+    from alignkit import cli
+
+    src = lines(tmp_path / "c.jsonl", [{"prompt": "r0", "completions": ["a", "a"]},
+                                       {"prompt": "r1", "completions": ["b", "b", "b"]}])
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["label", f"input={src}", f"output={out}", f"mode={mode}"]) == 2
+    assert capsys.readouterr().err == (
+        f"alignkit label: error: {src}: no pairs (every completion set holds copies of one text)\n")
+    assert not out.exists() and not ceiling_path(out).exists()
+
+
 def test_prompt_ids_never_collide(tmp_path):
     """A row without ids gets its row number as prompt id; when that equals another row's own id, the pairs'
     ids would collide (and `alignkit rm` would refuse the file): refused here, naming the rows."""

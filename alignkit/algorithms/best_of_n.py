@@ -26,7 +26,7 @@ import torch
 
 from alignkit.algorithms.policy_kl import decode, sample_sequences
 from alignkit.config import option
-from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows, write_json, write_jsonl
+from alignkit.data.jsonl import PROMPT_SCHEMA, check_output, read_rows, write_json, write_jsonl
 from alignkit.data.preferences import prompt_of
 from alignkit.errors import UserError
 from alignkit.models.load import ModelConfig, load_causal_lm, load_tokenizer
@@ -133,6 +133,7 @@ def prompt_rows(path: str, max_prompts: int | None, demo: str = "prompts_eval", 
 
 def run_best_of_n(cfg: BestOfNConfig) -> str:
     """Sample max(n) completions per prompt, report best-of-N for each N; returns the summary path."""
+    check_output(cfg.output_dir, cfg.prompts, directory=True)
     tokenizer = load_tokenizer(cfg.model.path)
     rows = prompt_rows(cfg.prompts, cfg.max_prompts)
     score = load_reward(cfg.reward)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from alignkit.config import option
 from alignkit.data.constitution import Principle, load_constitution, sample_principles
-from alignkit.data.jsonl import check_io, iter_rows, write_json, write_jsonl
+from alignkit.data.jsonl import check_io, check_output, iter_rows, write_json, write_jsonl
 from alignkit.data.preferences import (
     carried_fields, distinct_pairs, gold_scores, prompt_fields, prompt_of, read_completion_sets, read_pairs,
     set_prompt_ids,
@@ -146,6 +146,7 @@ def run_cai_revise(cfg: ReviseConfig) -> str:
     """Sample, critique and revise; returns the SFT dataset path (`output_dir/sft.jsonl`)."""
     from alignkit.models.load import load_causal_lm, load_tokenizer
 
+    check_output(cfg.output_dir, cfg.prompts, directory=True)
     principles = load_constitution(cfg.constitution, cfg.principles)
     tokenizer = load_tokenizer(cfg.model.path)
     if not getattr(tokenizer, "chat_template", None):

@@ -19,6 +19,7 @@ import torch
 from alignkit.algorithms.best_of_n import load_reward, prompt_rows, sample_and_score
 from alignkit.algorithms.sft import SFT
 from alignkit.config import option, save_config, to_dict
+from alignkit.data.jsonl import check_output, write_jsonl
 from alignkit.data.preferences import prompt_of
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
@@ -82,7 +83,6 @@ def _tokenise(rows: list[dict], tokenizer, cfg: RejectionSamplingConfig) -> list
 def run_round(model, tokenizer, prompts: list[dict], score, cfg: RejectionSamplingConfig, r: int, out: Path,
               generator: torch.Generator | None) -> tuple[object, dict]:
     """One round: returns the fine-tuned model and the round's log line."""
-    from alignkit.data.jsonl import write_jsonl
 
     sampled = sample_and_score(model, tokenizer, prompts, score, cfg.n, cfg.sampling, cfg.batch_size,
                                cfg.chat_template, generator)
@@ -107,6 +107,7 @@ def run_round(model, tokenizer, prompts: list[dict], score, cfg: RejectionSampli
 def run_rejection_sampling(cfg: RejectionSamplingConfig) -> Path:
     """R rounds of sample / keep the best / fine-tune; returns `output_dir/model`."""
     out = Path(cfg.output_dir)
+    check_output(out, cfg.prompts, directory=True)
     if out.exists() and any(out.iterdir()):
         # a run that failed before finishing a round (its config.yaml only, and a part of round1/) starts over
         if any((out / p).exists() for p in ("rounds.jsonl", "model")) or not (out / "config.yaml").is_file():

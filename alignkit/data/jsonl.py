@@ -47,7 +47,7 @@ def _check_file(path: Path) -> None:
         raise UserError(f"{path}: is a directory; give the path of a data file (.jsonl, .json, .parquet, .csv)")
 
 
-def _no_rows(path: Path) -> UserError:
+def no_rows(path: str | os.PathLike) -> UserError:
     return UserError(f"{path}: no rows (the file is empty or holds only blank lines); add data or fix the path")
 
 
@@ -183,7 +183,7 @@ def read_jsonl(path: str | os.PathLike, schema: Schema | None = None) -> list[di
     _check_file(path)
     rows = [row for _, row in _iter_json_lines(path, schema)]
     if not rows:
-        raise _no_rows(path)
+        raise no_rows(path)
     return rows
 
 
@@ -191,7 +191,7 @@ def read_rows(path: str | os.PathLike, schema: Schema | None = None) -> list[dic
     """All rows of a .jsonl/.json/.parquet/.csv file, validated; UserError when bad or empty."""
     rows = [row for _, row in iter_rows(path, schema)]
     if not rows:
-        raise _no_rows(Path(path))
+        raise no_rows(Path(path))
     return rows
 
 
@@ -208,16 +208,27 @@ def _to_json(value: Any) -> Any:
 
 def check_io(input: str | None, output: str | None, hint: str) -> None:
     """At the start of a run (not in the config's validation, so that `--print-config` works without them):
-    both paths set, and the output not the input (it would be overwritten)."""
+    both paths set, and the output not the input (it would be overwritten) and writable."""
     if not input or not output:
         raise UserError(f"set {hint}")
-    check_not_input(output, input)
+    check_output(output, input)
 
 
-def check_not_input(output: str | os.PathLike | None, input: str | None) -> None:
-    """UserError when `output` is the `input` file (writing it would overwrite what is being read)."""
-    if output and input and Path(output).resolve() == Path(input).resolve():
+def check_output(output: str | os.PathLike | None, input: str | None = None, directory: bool = False) -> None:
+    """At the start of a run, before its work: UserError when `output` (a file, or with `directory` a run directory)
+    is the `input` file (writing it would overwrite what is being read) or cannot be written there (a file in the
+    way, a read-only folder), rather than after hours of sampling or judging."""
+    if not output:
+        return
+    path = Path(output)
+    if input and path.resolve() == Path(input).resolve():
         raise UserError(f"output={output} is the input file; write the result elsewhere")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing.is_file() and (directory or existing != path):
+        raise UserError(f"cannot write {output}: {existing} is a file, not a directory")
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {output}: {folder} is not writable")
 
 
 def make_readable(root: Path) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from alignkit.config import option
-from alignkit.data.jsonl import check_io, iter_rows, write_jsonl
+from alignkit.data.jsonl import check_io, iter_rows, no_rows, write_jsonl
 from alignkit.data.schema import Field, Schema, _is_number, _prompt_messages, register_type, type_name
 from alignkit.errors import UserError
 
@@ -183,7 +183,7 @@ def read_located(path: str | Path, schema: Schema) -> list[tuple[str, dict]]:
         log.warning("%s: left out %d pair(s) whose chosen and rejected are the same text (first at %s); they state "
                     "no preference", path, len(same), same[0])
     if not out:
-        raise UserError(f"{path}: no rows (the file is empty or holds only blank lines); add data or fix the path")
+        raise no_rows(path)
     return out
 
 
@@ -210,7 +210,7 @@ def preference_kind(path: str | Path) -> str:
         kto = "; an unpaired KTO row (completion, label) needs loss=kto" if unpaired else ""
         raise UserError(f"{where}: neither a pair (prompt, chosen, rejected) nor a ranking "
                         f"(prompt, completions, ranking){kto}; see alignkit/data/preferences.py for the formats")
-    raise UserError(f"{path}: no rows (the file is empty or holds only blank lines); add data or fix the path")
+    raise no_rows(path)
 
 
 def read_preferences(path: str | Path) -> tuple[str, list[dict]]:

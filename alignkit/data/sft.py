@@ -19,7 +19,7 @@ import torch
 
 from alignkit.data.chat import assistant_pieces, has_chat_template
 from alignkit.data.encode import encode_pieces, leading_special_ids, special_token_strings
-from alignkit.data.jsonl import SFT_SCHEMA, iter_rows
+from alignkit.data.jsonl import SFT_SCHEMA, iter_rows, no_rows
 from alignkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def load_sft_dataset(
     """
     located = list(iter_rows(path, SFT_SCHEMA))
     if not located:
-        raise UserError(f"{path}: no rows (the file is empty or holds only blank lines); add data or fix the path")
+        raise no_rows(path)
     located = located[:max_rows]  # rows, before packing joins them into blocks
     if chat_template and not has_chat_template(tokenizer):
         log.warning("the tokenizer has no chat template; %s is tokenised as plain prompt + completion + eos", path)

@@ -30,6 +30,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import get_scheduler
 
 from alignkit.config import flatten, save_config
+from alignkit.data.jsonl import check_output
 from alignkit.engine.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from alignkit.engine.config import TrainConfig
 from alignkit.engine.logging import RunLogger, resolve_trackers
@@ -77,6 +78,7 @@ class Engine:
     resume never shows the results of the run it resumed."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, results: tuple[str, ...] = ()):
+        check_output(run_dir, directory=True)  # before any work: not after a DPO reference pass, say
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.results = ("model", "adapter", *results)

@@ -128,10 +128,10 @@ def _located(path: str | None) -> str | None:
 def run_eval(cfg: EvalConfig) -> str:
     """Evaluate `cfg.policy` and write the JSON; returns its path."""
     from alignkit.algorithms.best_of_n import prompt_rows
-    from alignkit.data.jsonl import check_not_input
+    from alignkit.data.jsonl import check_output
     from alignkit.models.load import load_tokenizer
 
-    check_not_input(cfg.output_path(), cfg.prompts)
+    check_output(cfg.output_path(), cfg.prompts)
     tokenizer = load_tokenizer(cfg.policy)  # a wrong path fails before any other work
     schema = dataclasses.replace(PROMPT_SCHEMA, optional={cfg.references_field: Field("references")})
     rows = prompt_rows(cfg.prompts, cfg.max_prompts, schema=schema)  # a bad reference fails before the sampling

@@ -25,8 +25,8 @@ from typing import Any, Iterator
 
 from sqlalchemy import (Boolean, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text,
                         UniqueConstraint, create_engine, event, func, insert, select, update)
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 
 from alignkit.data.preferences import COMPLETIONS_SCHEMA, carried_fields, prompt_fields, prompt_key, read_located
 from alignkit.errors import UserError
@@ -101,18 +101,45 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
-def connect(url: str) -> Engine:
-    """An engine on `url` with the tables created and a signing secret stored (first use)."""
+def shown_url(url: str) -> str:
+    """`url` for a message: its password, if any, as ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def connect(url: str, name: str | None = None) -> Engine:
+    """An engine on `url` with the tables created and a signing secret stored (first use).
+
+    UserError naming `name` (e.g. "--db labels.db"; default: the URL) when `url` is no database URL, its driver
+    is not installed, or the database cannot be opened (a missing folder, a file that is no SQLite database, ...).
+    """
+    name = name or shown_url(url)
     sqlite_file = url.startswith("sqlite") and ":memory:" not in url and url.rstrip("/") != "sqlite:"
     pool = {"pool_size": 20, "max_overflow": 20} if sqlite_file else {}
-    engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"), **pool)
+    try:
+        engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"), **pool)
+    except ArgumentError as e:
+        raise UserError(f"{name}: not a database URL ({_one_line(e)}); e.g. sqlite:///labels.db or "
+                        "postgresql+psycopg://user@host/db") from None
+    except ImportError as e:
+        raise UserError(f"{name}: the database's driver is not installed ({_one_line(e)})") from None
     if engine.dialect.name == "sqlite":
         _sqlite_setup(engine)
-    metadata.create_all(engine)
-    with write_tx(engine) as conn:
-        if conn.execute(select(meta.c.value).where(meta.c.key == "secret")).first() is None:
-            conn.execute(insert(meta).values(key="secret", value=secrets.token_hex(32)))
+    try:
+        metadata.create_all(engine)
+        with write_tx(engine) as conn:
+            if conn.execute(select(meta.c.value).where(meta.c.key == "secret")).first() is None:
+                conn.execute(insert(meta).values(key="secret", value=secrets.token_hex(32)))
+    except DBAPIError as e:
+        engine.dispose()
+        raise UserError(f"{name}: cannot open the database ({_one_line(e.orig or e)})") from None
     return engine
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from alignkit.errors import UserError
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         where = p.add_mutually_exclusive_group(required=True)
-        where.add_argument("--db", help="SQLite database file (created if missing; WAL mode)")
+        where.add_argument("--db", help="SQLite database file (created if missing, and its folder; WAL mode)")
         where.add_argument("--url", help="any SQLAlchemy database URL instead, e.g. postgresql+psycopg://u@host/db")
         return p
 
@@ -73,20 +74,37 @@ def _progress_text(p: dict) -> str:
     return "\n".join(lines)
 
 
+def _make_folder_of(db_file: str) -> None:
+    """--db's folder, made if missing (as an output's is: a new database is one command away)."""
+    path = Path(db_file)
+    if path.is_dir():
+        raise UserError(f"--db {db_file}: is a directory; give the path of an SQLite file (created if missing)")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"--db {db_file}: {blocking} is a file, not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--db {db_file}: cannot make its folder ({e.strerror or e})") from None
+
+
 def run(args: argparse.Namespace) -> str | None:
     _needs_web_deps()
     from alignkit.feedback import db, report
 
     url = db.database_url(args.db, args.url)
+    if args.db:
+        _make_folder_of(args.db)
+    engine = db.connect(url, f"--db {args.db}" if args.db else f"--url {db.shown_url(args.url)}")
     if args.command == "serve":
         import uvicorn
 
         from alignkit.feedback.app import create_app
 
+        engine.dispose()  # opened above to report a bad database in one line; the app opens its own
         app = create_app(url, per_prompt=args.per_prompt, secure_cookies=args.secure_cookies)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         return None
-    engine = db.connect(url)
     if args.command == "import":
         added, present = db.import_completion_sets(engine, args.input)
         return f"imported {added} prompts ({present} already present)"
@@ -105,6 +123,11 @@ def main(argv: list[str]) -> int:
         result = run(args)
     except UserError as e:
         print(f"alignkit label {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be written or read: not a bug, one line (as `alignkit.cli.main`)
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        print(f"alignkit label {args.command}: error: {where + ': ' if where else ''}{e.strerror or e}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -176,6 +176,8 @@ def run_label(cfg: LabelConfig) -> str:
     check_io(cfg.input, cfg.output, "both input=COMPLETIONS.jsonl and output=LABELLED.jsonl")
     judge = load_judge(cfg.judge)
     rows = read_completion_sets(cfg.input)
+    if not any(distinct_pairs(row) for row in rows):  # nothing to compare: no labels and no ceiling
+        raise UserError(f"{cfg.input}: no pairs (every completion set holds copies of one text)")
     gold = gold_scores(judge, rows)
     tau = tau_for_ceiling(pair_gaps(rows, gold), cfg.target_ceiling) if cfg.target_ceiling is not None else cfg.tau
     out, report = simulate(rows, gold, cfg.mode, tau, cfg.seed, cfg.judge, cfg.input)

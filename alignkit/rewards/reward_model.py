@@ -98,7 +98,7 @@ class ScoreConfig:
 
 
 def run_score(cfg: ScoreConfig) -> str:
-    from alignkit.data.jsonl import check_io, read_rows, write_jsonl
+    from alignkit.data.jsonl import check_io, iter_rows, no_rows, write_jsonl
     from alignkit.data.preferences import prompt_of
     from alignkit.data.schema import Field, Schema
 
@@ -106,11 +106,14 @@ def run_score(cfg: ScoreConfig) -> str:
     check_io(cfg.input, output, "input=FILE.jsonl (rows with prompt or messages, and completion)")
     schema = Schema(what="a row to score", variants=({"prompt": Field("str"), "completion": Field("str")},
                                                       {"messages": Field("messages"), "completion": Field("str")}))
-    rows = read_rows(cfg.input, schema)
-    clash = next((i for i, r in enumerate(rows, 1) if cfg.field in r), None)
+    located = list(iter_rows(cfg.input, schema))
+    if not located:
+        raise no_rows(cfg.input)
+    clash = next((where for where, r in located if cfg.field in r), None)
     if clash is not None:
-        raise UserError(f"{cfg.input}: row {clash} already has a field '{cfg.field}', which the scores would "
-                        f"overwrite; name the added field otherwise (field=...)")
+        raise UserError(f"{clash}: the row already has a field '{cfg.field}', which the scores would overwrite; "
+                        f"name the added field otherwise (field=...)")
+    rows = [r for _, r in located]
     rm = RewardModel(cfg.model, cfg.normalize, cfg.batch_size)
     rewards = rm.score([prompt_of(r) for r in rows], [r["completion"] for r in rows]).tolist()
     if rm.encoder.truncated:

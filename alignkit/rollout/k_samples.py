@@ -62,10 +62,10 @@ def sample_k(model, tokenizer, rows: list[dict], k: int, sampling: SamplingConfi
 
 
 def run_rollout(cfg: RolloutConfig) -> str:
-    from alignkit.data.jsonl import check_not_input, write_jsonl
+    from alignkit.data.jsonl import check_output, write_jsonl
     from alignkit.rollout.stage import read_prompts
 
-    check_not_input(cfg.output, cfg.prompts)
+    check_output(cfg.output, cfg.prompts)
     tokenizer = load_tokenizer(cfg.model.path)  # a wrong model path fails before any other work
     rows = read_prompts(cfg.prompts, "prompts_train", cfg.max_prompts)
     model = load_causal_lm(cfg.model, trainable=False)

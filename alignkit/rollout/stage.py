@@ -56,9 +56,9 @@ def read_prompts(path: str, demo_split: str, limit: int | None = None) -> list[d
 
 
 def run_generate(cfg: GenerateConfig) -> str | None:
-    from alignkit.data.jsonl import check_not_input, write_jsonl
+    from alignkit.data.jsonl import check_output, write_jsonl
 
-    check_not_input(cfg.output, cfg.prompts)
+    check_output(cfg.output, cfg.prompts)
     tokenizer = load_tokenizer(cfg.model.path)  # a wrong model path fails before any other work
     rows = read_prompts(cfg.prompts, "prompts_eval", cfg.max_prompts)
     model = load_causal_lm(cfg.model, trainable=False)
