@@ -382,9 +382,8 @@ def test_a_bad_database_is_one_line_naming_the_option(tmp_path, capsys):
     afile.write_text("")
     for where, message in (
             (["--db", str(notdb)], f"--db {notdb}: cannot open the database (file is not a database)"),
-            (["--db", str(tmp_path)], f"--db {tmp_path}: is a directory; give the path of an SQLite file "
-                                      "(created if missing)"),
-            (["--db", str(afile / "l.db")], f"--db {afile / 'l.db'}: {afile} is a file, not a directory"),
+            (["--db", str(tmp_path)], f"--db: cannot write {tmp_path}: it is a directory; name a file"),
+            (["--db", str(afile / "l.db")], f"--db: cannot write {afile / 'l.db'}: {afile} is a file, not a directory"),
             (["--url", "notaurl"], "--url notaurl: not a database URL (Could not parse SQLAlchemy URL from given URL "
                                    "string); e.g. sqlite:///labels.db or postgresql+psycopg://user@host/db"),
             (["--url", f"sqlite:///{tmp_path / 'no' / 'l.db'}"],

@@ -223,6 +223,8 @@ def check_output(output: str | os.PathLike | None, input: str | None = None, dir
     path = Path(output)
     if input and path.resolve() == Path(input).resolve():
         raise UserError(f"output={output} is the input file; write the result elsewhere")
+    if not directory and path.is_dir():
+        raise UserError(f"cannot write {output}: it is a directory; name a file")
     existing = next(p for p in (path, *path.parents) if p.exists())
     if existing.is_file() and (directory or existing != path):
         raise UserError(f"cannot write {output}: {existing} is a file, not a directory")
@@ -247,11 +249,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
     if str(path).endswith(("/", os.sep)):  # Path() would drop the slash and write a file of the folder's name
         raise UserError(f"cannot write {path}: it names a directory; name a file")
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a directory; name a file")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"cannot write {path}: {blocking} is a file, not a directory")
+    check_output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")  # a killed run's: the engine's

@@ -76,14 +76,13 @@ def _progress_text(p: dict) -> str:
 
 def _make_folder_of(db_file: str) -> None:
     """--db's folder, made if missing (as an output's is: a new database is one command away)."""
-    path = Path(db_file)
-    if path.is_dir():
-        raise UserError(f"--db {db_file}: is a directory; give the path of an SQLite file (created if missing)")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"--db {db_file}: {blocking} is a file, not a directory")
+    from alignkit.data.jsonl import check_output
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        check_output(db_file)  # a directory, a file in the way, a read-only folder
+        Path(db_file).parent.mkdir(parents=True, exist_ok=True)
+    except UserError as e:
+        raise UserError(f"--db: {e}") from None
     except OSError as e:
         raise UserError(f"--db {db_file}: cannot make its folder ({e.strerror or e})") from None
 
