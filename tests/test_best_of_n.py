@@ -139,7 +139,9 @@ def test_a_rerun_with_other_ns_leaves_no_stale_file_and_a_missing_reward_model_i
                         n=[1, 4], sampling=SamplingConfig(max_new_tokens=4, seed=0), output_dir=str(tmp_path / "bon"))
     run_best_of_n(cfg)
     run_best_of_n(dataclasses.replace(cfg, n=[1, 2]))
-    assert sorted(p.name for p in (tmp_path / "bon").iterdir()) == ["best_n1.jsonl", "best_n2.jsonl", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "bon").iterdir()) == ["best_n1.jsonl", "best_n2.jsonl", "config.yaml",
+                                                                   "summary.json"]
+    assert "n:\n- 1\n- 2\n" in (tmp_path / "bon" / "config.yaml").read_text()  # the settings, beside the results
     with pytest.raises(UserError, match=r"reward=.*/rm/model: no such reward-model directory"):
         run_best_of_n(dataclasses.replace(cfg, reward=str(tmp_path / "rm" / "model")))
 

@@ -333,6 +333,7 @@ def test_revise_traces_and_sft_dataset(tmp_path, tiny_llama_dir):
                        sampling=SamplingConfig(max_new_tokens=4, min_new_tokens=2, seed=0),
                        output_dir=str(tmp_path / "run"))
     sft_path = run_cai_revise(cfg)
+    assert "rounds: 2" in (tmp_path / "run" / "config.yaml").read_text()
     traces = [json.loads(line) for line in (tmp_path / "run" / "traces.jsonl").read_text().splitlines()]
     assert [t["id"] for t in traces] == [0, 1, 2] and all(len(t["rounds"]) == 2 for t in traces)
     names = {p.name for p in load_constitution()}

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from alignkit.algorithms.policy_kl import decode, sample_sequences
-from alignkit.config import option
+from alignkit.config import option, save_config, to_dict
 from alignkit.data.jsonl import PROMPT_SCHEMA, check_output, read_rows, write_json, write_jsonl
 from alignkit.data.preferences import prompt_of
 from alignkit.errors import UserError
@@ -167,4 +167,5 @@ def run_best_of_n(cfg: BestOfNConfig) -> str:
             stale.unlink()
     for n, best in picks.items():
         write_jsonl(out / f"best_n{n}.jsonl", best)
+    save_config(to_dict(cfg), out / "config.yaml")
     return str(write_json(out / "summary.json", summary))

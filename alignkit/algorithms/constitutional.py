@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.config import option
+from alignkit.config import option, save_config, to_dict
 from alignkit.data.constitution import Principle, load_constitution, sample_principles
 from alignkit.data.jsonl import check_io, check_output, iter_rows, write_json, write_jsonl
 from alignkit.data.preferences import (
@@ -159,6 +159,7 @@ def run_cai_revise(cfg: ReviseConfig) -> str:
     sft = [s for s in map(sft_row, traces) if s is not None]
     if not sft:  # before anything is written: the traces of this run beside an earlier run's SFT data
         raise UserError("every final revision is empty; raise sampling.max_new_tokens or check the model")
+    save_config(to_dict(cfg), out / "config.yaml")
     write_jsonl(out / "traces.jsonl", traces)
     write_jsonl(out / "sft.jsonl", sft)
     changed = sum(t["revision"] != t["response"] for t in traces)
