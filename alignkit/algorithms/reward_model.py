@@ -217,9 +217,9 @@ def _finish(cfg: RewardModelConfig, model, tokenizer, algorithm, groups, eval_pa
             "chat_template": algorithm.encoder.chat, "max_length": cfg.data.max_length,
             "eval": metrics if eval_path else None}
     out = Path(cfg.output_dir)
-    save_model(model, tokenizer, out, files={METADATA: meta})  # the normalisation lands with the weights
-    if eval_path:
+    if eval_path:  # before model/, which marks the run finished (a restart removes an eval.json without it)
         write_json(out / "eval.json", metrics)
+    save_model(model, tokenizer, out, files={METADATA: meta})  # the normalisation lands with the weights
     return metrics
 
 
