@@ -216,6 +216,8 @@ def test_an_unwritable_output_is_refused_before_the_work(tiny_llama_dir, tmp_pat
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(read_only) else real(p, mode))
     with pytest.raises(UserError, match=f"cannot write {read_only}/out/x.jsonl: {read_only} is not writable"):
         check_output(read_only / "out" / "x.jsonl")
+    monkeypatch.chdir(tmp_path)  # output_dir= wrote the results into the current directory
+    assert cli.main(["best-of-n", f"model.path={tiny_llama_dir}", f"prompts={prompts}", "output_dir="]) == 2
 
 
 def test_unknown_key_and_missing_model_exit_2(tmp_path):
