@@ -83,7 +83,6 @@ def _tokenise(rows: list[dict], tokenizer, cfg: RejectionSamplingConfig) -> list
 def run_round(model, tokenizer, prompts: list[dict], score, cfg: RejectionSamplingConfig, r: int, out: Path,
               generator: torch.Generator | None) -> tuple[object, dict]:
     """One round: returns the fine-tuned model and the round's log line."""
-
     sampled = sample_and_score(model, tokenizer, prompts, score, cfg.n, cfg.sampling, cfg.batch_size,
                                cfg.chat_template, generator)
     kept = select_top(sampled, cfg.keep)

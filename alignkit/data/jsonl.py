@@ -191,7 +191,7 @@ def read_rows(path: str | os.PathLike, schema: Schema | None = None) -> list[dic
     """All rows of a .jsonl/.json/.parquet/.csv file, validated; UserError when bad or empty."""
     rows = [row for _, row in iter_rows(path, schema)]
     if not rows:
-        raise no_rows(Path(path))
+        raise no_rows(path)
     return rows
 
 

@@ -146,7 +146,7 @@ def load_unpaired(path, tokenizer, max_length: int, chat_template: bool = True, 
     random.Random(seed).shuffle(order)
     other = {}
     for i, row in enumerate(order):
-        back = next((k for k in range(1, len(order)) if prompts[order[i - k]] != prompts[row]), 1)
+        back = next((k for k in range(1, min(len(order), 64)) if prompts[order[i - k]] != prompts[row]), 1)
         other[row] = order[i - back]  # the completion of another prompt (of the same only if there is no other)
     out = []
     for i, (where, row) in enumerate(located):
