@@ -16,8 +16,12 @@ Implementation details, with the reason for each:
    log pi - log pi_ref is noisy even before the first update.
 5. One unit of loss normalisation is one pair (one row for KTO), so accumulation and data
    parallelism give the gradient of one large batch.
-6. SimPO, IPO and ORPO take per-token mean log-probs, DPO/cDPO/KTO sums (see each loss).
-7. KTO's reference point pairs each prompt with another row's completion, fixed per row at load
+6. SimPO, IPO and ORPO take per-token mean log-probs, DPO/cDPO/KTO sums (see each loss); the
+   logged `logps/*` are what the loss reads. Two deliberate differences from TRL 1.16: a chat
+   completion ends at the end-of-turn token (TRL also trains the template's newline after it), and
+   ORPO's NLL term is the chosen completion's per-token mean (TRL's averages over prompt and
+   completion tokens of the batch), so ORPO runs are not comparable with TRL's.
+7. KTO's reference point pairs each prompt with another prompt's completion, fixed per row at load
    time (a seeded rotation, as TRL's rotation within the batch), so it can be cached too; the
    policy scores those mismatched pairs without gradient, for the whole global batch before its
    micro-batches (the engine's `batch_inputs` hook), so that the reference point does not depend on
