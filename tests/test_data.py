@@ -284,6 +284,23 @@ def test_chatml_end_of_turn_trained_not_doubled(chatml_tok):
     assert t.decode(ex["input_ids"]).startswith("<|im_start|>system\nbe kind<|im_end|>\n<|im_start|>user\n")
 
 
+def test_generation_stops_at_the_turn_end_sft_trains_on_a_base_checkpoint():
+    """A base checkpoint (Qwen2.5's: eos <|endoftext|>) with a ChatML template: SFT trains <|im_end|> as the end of a
+    reply, but generation stopped at EOS and the generation config's ids only, so it never stopped."""
+    from alignkit.models.tiny import tiny_llama
+    from alignkit.rollout.generate import stop_token_ids
+
+    t = tiny_tokenizer()
+    t.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    t.chat_template = CHATML
+    end = t.convert_tokens_to_ids("<|im_end|>")
+    assert t.eos_token_id != end
+    assert trained_spans(t, tokenize_sft({"prompt": "a", "completion": "b"}, t, 64)) == ["b<|im_end|>"]
+    assert stop_token_ids(tiny_llama(), t) == [t.eos_token_id, end]
+    t.chat_template = None
+    assert stop_token_ids(tiny_llama(), t) == [t.eos_token_id]
+
+
 def test_template_without_end_token_gets_eos(tok):
     t = tiny_tokenizer()
     t.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -88,6 +88,25 @@ def assistant_pieces(
     return pieces, closed
 
 
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token that closes an assistant turn in the tokenizer's chat template (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`, ...), which SFT trains the model to emit; None without a template or such a token. A base
+    checkpoint's EOS (e.g. Qwen2.5's `<|endoftext|>`) is another token, so generation must stop at this one too."""
+    from alignkit.data.encode import special_token_strings
+
+    if not has_chat_template(tokenizer):
+        return None
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    specials = special_token_strings(tokenizer)
+    try:
+        pieces, closed = assistant_pieces(tokenizer, probe, specials)
+    except UserError:
+        return None
+    target = next(text for text, is_target in pieces if is_target)
+    token = next((t for t in specials if target.endswith(t)), None) if closed else None
+    return None if token is None else tokenizer.convert_tokens_to_ids(token)
+
+
 def _opening_prefix(tokenizer, full: str, where: str) -> str:
     """Text before the content of a conversation that opens with the assistant.
 

@@ -239,12 +239,15 @@ def _prompt_text(tokenizer, prompt, chat: bool) -> tuple[str, bool]:
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS plus any EOS ids in the model's generation config (e.g. a chat end token)."""
+    """The tokenizer's EOS, any EOS ids in the model's generation config, and the chat template's end-of-turn
+    token (what SFT trains a model to end a reply with; a base checkpoint's config does not list it)."""
+    from alignkit.data.chat import end_of_turn_id
+
     ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     gen_cfg = getattr(model, "generation_config", None)
     extra = getattr(gen_cfg, "eos_token_id", None)
-    for i in [extra] if isinstance(extra, int) else list(extra or []):
-        if i not in ids:
+    for i in [*([extra] if isinstance(extra, int) else list(extra or [])), end_of_turn_id(tokenizer)]:
+        if i is not None and i not in ids:
             ids.append(i)
     return ids
 
