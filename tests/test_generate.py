@@ -391,3 +391,16 @@ def test_batches_draw_different_samples(tok):
     one_by_one = [r["completion"] for r in sample_rows(model, tok, rows, cfg, batch_size=1, chat=False)]
     assert len(set(one_by_one)) == 4, one_by_one
     assert [r["completion"] for r in sample_rows(model, tok, rows, cfg, batch_size=1, chat=False)] == one_by_one
+
+
+def test_a_template_that_rejects_a_prompt_is_one_line():
+    """Gemma's template refuses a system turn: generate_text raised jinja's TemplateError (a traceback)."""
+    from alignkit.errors import UserError
+    from alignkit.models.tiny import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                         "supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(UserError, match=r"^prompt: the tokenizer's chat template rejected .*System role not supported"):
+        generate_text(tiny_llama(), tok, [[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]],
+                      SamplingConfig(max_new_tokens=2))

@@ -29,7 +29,7 @@ def render(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: 
         detail = " ".join(str(e).split())[:300]
         raise UserError(
             f"{where}: the tokenizer's chat template rejected this conversation ({detail}); "
-            "fix the roles/order of the messages or set data.chat_template=false"
+            "fix the roles or order of the messages"
         ) from None
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
@@ -54,7 +54,7 @@ def _target_length(span: str, content: str, specials: Sequence[str]) -> tuple[in
 def _not_prefix(where: str) -> UserError:
     return UserError(
         f"{where}: the chat template renders earlier turns differently once later turns follow, so the "
-        "assistant turns cannot be located; use {prompt, completion} rows or set data.chat_template=false"
+        "assistant turns cannot be located; use {prompt, completion} rows"
     )
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.config import option
+from alignkit.data.chat import render
 from alignkit.errors import UserError
 from alignkit.models.forward import keep_logits, prefill_positions, unique_prompts, with_cache
 from alignkit.models.load import base_model, context_length
@@ -235,7 +236,7 @@ def _prompt_text(tokenizer, prompt, chat: bool) -> tuple[str, bool]:
     if not has_template:
         raise UserError("the tokenizer has no chat template, so message-list prompts cannot be rendered; "
                         "pass plain string prompts or use a tokenizer with a chat_template")
-    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True), True
+    return render(tokenizer, prompt, True, "prompt"), True  # a template's error is one line
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
