@@ -186,3 +186,42 @@ def test_disable_dropout_reaches_attention_dropout(arch):
         assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
         disable_dropout(model)
         assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _tiny_other(tmp_path, name, config_cls, model_cls, **shape):
+    tok = tiny_tokenizer()
+    return save_tiny(tmp_path / name, model_cls(config_cls(vocab_size=len(tok), **shape)), tok)
+
+
+def test_what_is_not_a_decoder_only_causal_lm_is_refused(tmp_path):
+    """A BERT directory loaded as BertLMHeadModel and generated while looking ahead (a token's logits moved with the
+    tokens after it); T5 gave transformers' traceback listing ~250 classes."""
+    from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
+
+    bert = _tiny_other(tmp_path, "bert", BertConfig, BertForMaskedLM, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=64)
+    with pytest.raises(UserError, match="is not a causal LM: a token's logits change with the tokens after it"):
+        load_causal_lm(ModelConfig(bert))
+    t5 = _tiny_other(tmp_path, "t5", T5Config, T5ForConditionalGeneration, d_model=32, d_ff=64, num_layers=1,
+                     num_heads=2, d_kv=16)
+    with pytest.raises(UserError, match="could not load a causal LM from .*t5': Unrecognized configuration class"):
+        load_causal_lm(ModelConfig(t5))
+
+
+def test_opt_gets_default_lora_targets_and_no_packing(tmp_path, sft_files):
+    """OPT had no default LoRA targets; its masks ignore position ids, so packed documents attended to each other
+    (logits off by ~2) without a word."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from alignkit.algorithms.sft import SFTConfig, run_sft
+    from alignkit.config import load_config
+
+    opt = _tiny_other(tmp_path, "opt", OPTConfig, OPTForCausalLM, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                      num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=128)
+    model = load_causal_lm(ModelConfig(opt), LoraConfig(r=2))
+    assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n} == {
+        "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    args = [f"model.path={opt}", f"data.train={sft_files[0]}", "data.packing=true", "data.max_length=64",
+            f"output_dir={tmp_path / 'run'}", "train.report_to=[]", "train.max_steps=1"]
+    with pytest.raises(UserError, match="data.packing: opt models let a packed document attend to the one before"):
+        run_sft(load_config(SFTConfig, None, args))

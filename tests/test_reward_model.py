@@ -350,3 +350,19 @@ def test_a_lora_reward_models_head_trains_in_float32_where_auto_is_bf16(tiny_lla
     before = head.weight.detach().clone()
     torch.optim.AdamW([head.weight], lr=1e-5).step()
     assert not torch.equal(head.weight, before)  # in bf16 this step of 1e-5 changed no weight
+
+
+def test_an_outside_reward_models_pad_id_is_what_pads_the_batch(tmp_path):
+    """A reward model whose config names another pad id than its tokenizer's: transformers read the head at the last
+    token that is not *that* id, so every shorter row of a batch was scored at a padding position."""
+    from alignkit.models.tiny import save_tiny, tiny_llama
+    from alignkit.rewards.reward_model import RewardModel
+
+    model = tiny_llama(num_labels=1)
+    model.config.pad_token_id = 5
+    path = save_tiny(tmp_path / "rm", model)
+    rm = RewardModel(path, normalize=False, batch_size=8)
+    prompts, completions = ["a", "b", "c"], ["good", "a much longer completion than the others", "ok then"]
+    batched = rm.raw(prompts, completions)
+    alone = torch.cat([rm.raw([p], [c]) for p, c in zip(prompts, completions)])
+    assert torch.allclose(batched, alone, atol=1e-5)

@@ -12,7 +12,9 @@ from alignkit.engine.config import TrainConfig
 from alignkit.engine.loop import Engine
 from alignkit.errors import UserError
 from alignkit.losses.sft import IGNORE, sft_loss
-from alignkit.models.load import LoraConfig, ModelConfig, check_context, load_causal_lm, load_tokenizer, save_model
+from alignkit.models.load import (
+    LoraConfig, ModelConfig, base_model, check_context, load_causal_lm, load_tokenizer, rows_agree, save_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,12 @@ def run_sft(cfg: SFTConfig) -> Path:
                  if eval_path else None)
     model = load_causal_lm(cfg.model, cfg.lora)
     check_context(model, d.max_length)
+    # a packed block's documents are told apart by their position ids, which some models (OPT, Bloom, MPT) ignore
+    if d.packing and not rows_agree(model, [[1, 2, 3, 4, 5, 6], [7, 8, 9, 4, 5, 6]], slice(3, 6),
+                                    position_ids=[[0, 1, 2, 0, 1, 2]] * 2):
+        raise UserError(f"data.packing: {base_model(model).config.model_type} models let a packed document attend to "
+                        "the one before it (their masks ignore the position ids that restart per document); set "
+                        "data.packing=false")
     model, metrics = engine.fit(model, SFT(tokenizer.pad_token_id), train_rows, eval_rows, to_dict(cfg), desc="sft")
     if metrics:
         log.info("held-out loss %.4f, perplexity %.2f", metrics["eval/loss"], metrics["eval/ppl"])

@@ -30,6 +30,14 @@ LORA_TARGETS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "bert": ["query", "key", "value", "dense"],
 }
@@ -161,18 +169,39 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: 
     from transformers import AutoModelForCausalLM
 
     lora_r = lora.r if lora is not None else 0
-    model = from_pretrained(AutoModelForCausalLM, cfg.path, "a causal LM",
-                            dtype=resolve_dtype(cfg.dtype, trainable and not lora_r))
+    try:
+        model = from_pretrained(AutoModelForCausalLM, cfg.path, "a causal LM",
+                                dtype=resolve_dtype(cfg.dtype, trainable and not lora_r))
+    except ValueError as e:  # e.g. T5 or DistilBERT: no causal-LM class
+        raise UserError(f"could not load a causal LM from '{cfg.path}': {str(e).splitlines()[0]}") from None
     saved_as = model.config.architectures or []
     if saved_as and all(a.endswith("ForSequenceClassification") for a in saved_as):  # loads, then fails deep inside
         raise UserError(f"'{cfg.path}' holds a {saved_as[0]} (a reward model or classifier), not a causal LM")
     model.to(default_device())
+    if not rows_agree(model, [[1, 2, 3, 4], [1, 2, 3, 5]], slice(0, 3)):
+        raise UserError(f"'{cfg.path}' is not a causal LM: a token's logits change with the tokens after it (an "
+                        "encoder such as BERT loads as a language model that looks ahead); give a decoder-only model")
     if lora_r:
         model = add_lora(model, lora)
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
     return model
+
+
+@torch.no_grad()
+def rows_agree(model, ids: list[list[int]], positions: slice, **inputs) -> bool:
+    """Whether the logits of the rows of `ids` agree at `positions` (in eval mode: no dropout); `inputs` go to the
+    forward too. A probe of what a model's attention sees: rows that differ only after (or, packed, before) them."""
+    was_training = model.training
+    model.eval()
+    try:
+        ids = torch.tensor(ids, device=model.device)
+        inputs = {k: torch.tensor(v, device=model.device) for k, v in inputs.items()}
+        logits = model(input_ids=ids, use_cache=False, **inputs).logits[:, positions].float()
+    finally:
+        model.train(was_training)
+    return bool((logits - logits[:1]).abs().max() <= 1e-3 * max(1.0, float(logits.abs().max())))
 
 
 # PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model, a FutureWarning
