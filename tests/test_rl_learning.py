@@ -331,6 +331,16 @@ def test_train_options_that_do_not_apply_online_are_refused(setting):
         load_config(GRPOConfig, None, [setting])
 
 
+def test_a_prompt_that_cannot_be_rendered_fails_at_load_naming_its_line(tiny_llama_dir, tmp_path):
+    """It failed when its shuffled batch came up, mid-run, as 'row: ...'."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"},
+                                                 {"messages": [{"role": "user", "content": "c"}]}, {"prompt": "d"}])
+    with pytest.raises(UserError, match=r"p.jsonl:3: a messages row needs a chat template"):
+        run(GRPOConfig, run_grpo, tiny_llama_dir, prompts, tmp_path / "out", "online.steps=1",
+            "online.prompts_per_step=1", "online.group_size=2", "train.batch_size=2", "train.micro_batch_size=2")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 def test_sampling_settings_that_bias_the_kl(caplog):
     """An adaptive controller from beta 0 stayed at 0; a truncated sampler (top-k/top-p, a minimum length) made the
     KL to the reference read 15x too high, without a word."""

@@ -180,15 +180,24 @@ class OnlineAlgorithm:
             self.kl_ctl.beta = state["beta"]
 
 
-def load_prompts(cfg: OnlineStageConfig) -> list[dict]:
-    from alignkit.data.jsonl import PROMPT_SCHEMA, read_rows
+def load_prompts(cfg: OnlineStageConfig, tokenizer) -> list[dict]:
+    """The prompt rows, each rendered once: a prompt that the chat template rejects fails here, naming its file:line,
+    not when its batch comes up mid-run."""
+    from alignkit.data.jsonl import PROMPT_SCHEMA, iter_rows, no_rows
+    from alignkit.data.preference_tokens import prompt_ids
+    from alignkit.data.preferences import prompt_of
 
     path = cfg.prompts
     if path == "demo":
         from alignkit.tasks.demo_data import build_demo_data
 
         path = str(build_demo_data()["prompts_train"])
-    return read_rows(path, PROMPT_SCHEMA)[: cfg.max_prompts]
+    located = list(iter_rows(path, PROMPT_SCHEMA))[: cfg.max_prompts]
+    if not located:
+        raise no_rows(path)
+    for where, row in located:
+        prompt_ids(prompt_of(row), tokenizer, cfg.online.chat_template, where)
+    return [row for _, row in located]
 
 
 def load_reference(cfg: OnlineStageConfig):
@@ -210,7 +219,7 @@ def run_online(cfg: OnlineStageConfig, make_algorithm, desc: str) -> Path:
     check_output_dir(out, cfg.train.resume)
     reward = build_reward(cfg.reward, device=str(engine.accelerator.device))  # a missing reward fails first
     tokenizer = load_tokenizer(cfg.model.path)
-    prompts = load_prompts(cfg)
+    prompts = load_prompts(cfg, tokenizer)
     policy = load_causal_lm(cfg.model, cfg.lora)
     disable_dropout(policy)
     reference = load_reference(cfg)

@@ -191,12 +191,12 @@ def collate_pairs(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
             "completion_ids": completions["completion_ids"], "completion_mask": completions["completion_mask"]}
 
 
-def prompt_ids(prompt, tokenizer, chat_template: bool = True) -> list[int]:
+def prompt_ids(prompt, tokenizer, chat_template: bool = True, where: str = "row") -> list[int]:
     """Token ids of a prompt (text or messages) as the policy sees it before its completion.
 
     The same ids `tokenize_completion` puts before a completion: the chat template with the
     generation prompt when used, else BOS (if the tokenizer adds one) + the prompt text.
     """
-    probe = tokenize_completion(prompt, "x", tokenizer, 1 << 30, chat_template)
+    probe = tokenize_completion(prompt, "x", tokenizer, 1 << 30, chat_template, where)
     return probe[0]
 
