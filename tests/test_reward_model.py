@@ -366,3 +366,15 @@ def test_an_outside_reward_models_pad_id_is_what_pads_the_batch(tmp_path):
     batched = rm.raw(prompts, completions)
     alone = torch.cat([rm.raw([p], [c]) for p, c in zip(prompts, completions)])
     assert torch.allclose(batched, alone, atol=1e-5)
+
+
+def test_a_completion_ending_with_the_end_token_gets_one_in_reward_text():
+    """SFT and DPO drop an EOS text that ends a reply (the template adds the end of turn); the reward model's text
+    kept it: 'reply<|im_end|><|im_end|>', a doubled end token in every such training text."""
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = ("{% for m in messages %}"
+                         "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}")
+    encoder = RewardEncoder(tok, True, 64)
+    assert encoder.encode("p", "reply<|im_end|>") == encoder.encode("p", "reply")

@@ -19,6 +19,15 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def without_eos_text(message: dict, eos: str | None) -> dict:
+    """An assistant turn whose text ends with the EOS text loses it: the template (or we) end the turn, and
+    a second EOS would be trained (as on the plain path, a completion that ends with EOS keeps just one)."""
+    content = message.get("content")
+    if message.get("role") != "assistant" or not eos or not isinstance(content, str) or not content.endswith(eos):
+        return message
+    return {**message, "content": content[: -len(eos)]}
+
+
 def render(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: str) -> str:
     """The template's text for `messages` (no tokenisation); a template error becomes a UserError."""
     try:

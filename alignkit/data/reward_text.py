@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from alignkit.data.chat import has_chat_template, render
+from alignkit.data.chat import has_chat_template, render, without_eos_text
 from alignkit.errors import UserError
 
 
@@ -36,7 +36,8 @@ class RewardEncoder:
         tok = self.tokenizer
         if self.chat:
             messages = list(prompt) if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
-            text = render(tok, [*messages, {"role": "assistant", "content": completion}], False, where)
+            reply = without_eos_text({"role": "assistant", "content": completion}, tok.eos_token)  # one end token
+            text = render(tok, [*messages, reply], False, where)
             enc = tok(text, add_special_tokens=False)
         elif not isinstance(prompt, str):
             raise UserError(f"{where}: a messages prompt needs a chat template, but "

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from alignkit.data.chat import assistant_pieces, has_chat_template
+from alignkit.data.chat import assistant_pieces, has_chat_template, without_eos_text
 from alignkit.data.encode import encode_pieces, leading_special_ids, special_token_strings
 from alignkit.data.jsonl import SFT_SCHEMA, iter_rows, no_rows
 from alignkit.errors import UserError
@@ -66,15 +66,6 @@ def _no_eos(where: str) -> UserError:
     return UserError(f"{where}: the tokenizer has no eos token to end completions; set eos_token in its config")
 
 
-def _without_eos_text(message: dict, eos: str | None) -> dict:
-    """An assistant turn whose text ends with the EOS text loses it: the template (or we) end the turn, and
-    a second EOS would be trained (as on the plain path, a completion that ends with EOS keeps just one)."""
-    content = message.get("content")
-    if message.get("role") != "assistant" or not eos or not isinstance(content, str) or not content.endswith(eos):
-        return message
-    return {**message, "content": content[: -len(eos)]}
-
-
 def _pieces(row: dict, enc: _Encoder, where: str, tokenizer) -> list:
     """(text or ids, is_target) pieces of one row, EOS included."""
     if enc.chat:
@@ -82,7 +73,7 @@ def _pieces(row: dict, enc: _Encoder, where: str, tokenizer) -> list:
             {"role": "user", "content": row["prompt"]},
             {"role": "assistant", "content": row["completion"]},
         ]
-        messages = [_without_eos_text(m, tokenizer.eos_token) for m in messages]
+        messages = [without_eos_text(m, tokenizer.eos_token) for m in messages]
         pieces, closed = assistant_pieces(tokenizer, messages, enc.specials, where)
         while pieces and not pieces[-1][1]:
             pieces.pop()  # scaffolding after the last end-of-turn token (a newline) teaches nothing
