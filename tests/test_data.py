@@ -301,6 +301,18 @@ def test_generation_stops_at_the_turn_end_sft_trains_on_a_base_checkpoint():
     assert stop_token_ids(tiny_llama(), t) == [t.eos_token_id]
 
 
+def test_a_reply_the_template_rewrites_is_trained_through_its_end_of_turn():
+    """A template that rewrites the reply (Qwen3 reformats its think block) and a special token inside it: the targets
+    stopped at that token ('<think>'), and the reply went untrained without a word."""
+    t = tiny_tokenizer()
+    t.add_tokens(["<|im_start|>", "<|im_end|>", "<think>", "</think>"], special_tokens=True)
+    t.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'].replace('</think>', "
+                       "'</think>\\n\\n') + '<|im_end|>\\n' }}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    ex = tokenize_sft({"prompt": "a", "completion": "<think>abc</think>Hello"}, t, 64)
+    assert trained_spans(t, ex) == ["<think>abc</think>\n\nHello<|im_end|>"]
+
+
 def test_template_without_end_token_gets_eos(tok):
     t = tiny_tokenizer()
     t.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

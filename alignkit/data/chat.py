@@ -46,18 +46,20 @@ def render(tokenizer, messages: Sequence[dict], generation_prompt: bool, where: 
 
 
 def _target_length(span: str, content: str, specials: Sequence[str]) -> tuple[int, bool]:
-    """Characters of `span` that are targets, and whether an end-of-turn token closes them."""
+    """Characters of `span` that are targets, and whether an end-of-turn token closes them: through the first special
+    token after the content or, where the template rewrote the content (Qwen3's think block), through the span's
+    last special token (a special token inside the rewritten content would cut the targets short)."""
     core = content.strip()
-    found = span.find(core) if core else -1
-    search_from = found + len(core) if found >= 0 else 0
-    best: tuple[int, int] | None = None  # (position, length)
-    for token in specials:  # longest first, so at one position the longest token wins
-        pos = span.find(token, search_from)
-        if pos >= 0 and (best is None or pos < best[0]):
-            best = (pos, len(token))
-    if best is None:
+    found = span.find(core) if core else 0
+    if found < 0:
+        ends = [span.rfind(token) + len(token) for token in specials if token in span]
+        return (max(ends), True) if ends else (len(span), False)
+    starts = [(span.find(token, found + len(core)), len(token)) for token in specials]
+    starts = [(pos, length) for pos, length in starts if pos >= 0]
+    if not starts:
         return len(span), False
-    return best[0] + best[1], True
+    pos, length = min(starts, key=lambda s: (s[0], -s[1]))  # the first; at one position the longest
+    return pos + length, True
 
 
 def _not_prefix(where: str) -> UserError:
