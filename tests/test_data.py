@@ -306,8 +306,8 @@ def test_a_reply_the_template_rewrites_is_trained_through_its_end_of_turn():
     stopped at that token ('<think>'), and the reply went untrained without a word."""
     t = tiny_tokenizer()
     t.add_tokens(["<|im_start|>", "<|im_end|>", "<think>", "</think>"], special_tokens=True)
-    t.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'].replace('</think>', "
-                       "'</think>\\n\\n') + '<|im_end|>\\n' }}{% endfor %}"
+    t.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + "
+                       "m['content'].replace('</think>', '</think>\\n\\n') + '<|im_end|>\\n' }}{% endfor %}"
                        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
     ex = tokenize_sft({"prompt": "a", "completion": "<think>abc</think>Hello"}, t, 64)
     assert trained_spans(t, ex) == ["<think>abc</think>\n\nHello<|im_end|>"]
