@@ -313,6 +313,34 @@ def test_a_reply_the_template_rewrites_is_trained_through_its_end_of_turn():
     assert trained_spans(t, ex) == ["<think>abc</think>\n\nHello<|im_end|>"]
 
 
+PHI3 = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+QWEN3 = ("{% set ns = namespace(last_user=0) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+         "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+         "{% if m['role'] == 'assistant' and loop.index0 > ns.last_user %}"
+         "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+         "{{ m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template, ends", [(PHI3, "<|end|>"), (QWEN3, "<|im_end|>")])
+def test_templates_that_render_a_turn_otherwise_once_others_follow(template, ends):
+    """Phi-3 ends a conversation with EOS, Qwen3 drops the think block of earlier turns: a turn rendered alone is no
+    prefix of the whole conversation, and every multi-turn row was refused."""
+    t = tiny_tokenizer()
+    t.add_tokens(["<|im_start|>", "<|im_end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
+                 special_tokens=True)
+    t.chat_template = template
+    spans = trained_spans(t, tokenize_sft({"messages": CONVERSATION}, t, 256))
+    think = "<think>\n\n</think>\n\n" if template == QWEN3 else ""
+    assert spans == [f"the food is good{ends}", f"{think}great service{ends}"]
+    from alignkit.data.preference_tokens import tokenize_completion
+
+    prompt, completion = tokenize_completion(CONVERSATION[:4], "fine", t, 256, True)  # a pair's, a prompt with a turn
+    assert t.decode(completion) == f"{think}fine{ends}" and "the food is good" in t.decode(prompt)
+
+
 def test_template_without_end_token_gets_eos(tok):
     t = tiny_tokenizer()
     t.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

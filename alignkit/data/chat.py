@@ -3,7 +3,10 @@
 The text of assistant turn i is what rendering `messages[: i + 1]` adds to rendering `messages[:i]`
 with the generation prompt; this works for any template whose renderings of prefixes are prefixes
 of the full rendering (ChatML, Llama 3, Gemma, Mistral, plain ones) and needs no `{% generation %}`
-markers. Within a turn the targets run from the start of the content through the first special
+markers. A template that renders a turn otherwise once later turns follow (Phi-3 ends a conversation
+with EOS, Qwen3 drops the think blocks of earlier turns) needs only its generation prompts to be
+prefixes: each turn then ends at its end-of-turn token. (Mistral's template puts a system message
+into the last user turn only, so no training rendering holds it: such rows are refused.) Within a turn the targets run from the start of the content through the first special
 token after it (the end-of-turn token: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, EOS, ...);
 what follows it (a newline before the next turn) is context, not a target.
 """
@@ -89,13 +92,22 @@ def assistant_pieces(
         if message["role"] != "assistant":
             continue
         before = render(tokenizer, messages[:i], True, where) if i else _opening_prefix(tokenizer, full, where)
-        through = full if i == last else render(tokenizer, messages[: i + 1], False, where)
-        if not (full.startswith(before) and full.startswith(through) and pos <= len(before) <= len(through)):
+        if not (full.startswith(before) and pos <= len(before)):
             raise _not_prefix(where)
-        span = full[len(before) : len(through)]
+        through = full if i == last else render(tokenizer, messages[: i + 1], False, where)
+        # a template may render a turn otherwise once others follow (Phi-3 ends a conversation with EOS, Qwen3 drops
+        # earlier think blocks): then the turn ends at the first end-of-turn token after its content
+        alone = full.startswith(through) and len(through) >= len(before)
+        span = full[len(before) : len(through) if alone else len(full)]
+        if not alone and message["content"].strip() not in span:
+            raise _not_prefix(where)
         n, closed = _target_length(span, message["content"], specials)
-        pieces += [(full[pos : len(before)], False), (span[:n], True), (span[n:], False)]
-        pos = len(through)
+        if not (alone or closed):
+            raise _not_prefix(where)
+        pieces += [(full[pos : len(before)], False), (span[:n], True)]
+        pos = len(before) + n
+    if pos < len(full):
+        pieces.append((full[pos:], False))
     return pieces, closed
 
 
