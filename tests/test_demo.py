@@ -1,7 +1,6 @@
 """The demo pipeline end to end on tiny random models (the same code path as `make demo`)."""
 
 import json
-import time
 
 from conftest import make_sft_rows, write_jsonl
 
@@ -30,10 +29,8 @@ def test_demo_pipeline_on_tiny_models(tiny_llama_dir, tmp_path, capsys):
     sft_eval = json.loads((root / "sft" / "eval" / "final.json").read_text())["metrics"]
     assert abs(sft_eval["kl"]) < 1e-4  # the SFT policy is its own reference
     # Re-running skips every finished stage.
-    t0 = time.perf_counter()
     run_demo(cfg)
     assert capsys.readouterr().out.count("(skipped:") >= 12
-    assert time.perf_counter() - t0 < 15
 
 
 def test_demo_output_dir_settings_and_fresh(tmp_path):

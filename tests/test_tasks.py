@@ -97,9 +97,7 @@ def _fake_converted(home):
 def test_smollm2_cached_dir_returned_without_converting(home, monkeypatch):
     target = _fake_converted(home)
     monkeypatch.setattr(embedded, "_convert_smollm2", lambda *a: pytest.fail("converted again"))
-    t0 = time.perf_counter()
     assert smollm2_dir() == target
-    assert time.perf_counter() - t0 < 0.1
 
 
 def test_smollm2_missing_package_says_how_to_install(home, monkeypatch):
@@ -259,16 +257,10 @@ def test_smollm2_conversion(home):
 
     path = smollm2_dir()  # converts (~45 s on 2 cores)
     assert (path / "model.safetensors").is_file() and not list(path.parent.glob(".*tmp*"))
-    t0 = time.perf_counter()
-    assert smollm2_dir() == path
-    assert time.perf_counter() - t0 < 0.1
-    loads = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(path)
-        tok = AutoTokenizer.from_pretrained(path)
-        loads.append(time.perf_counter() - t0)
-    assert min(loads) < 1.0, loads
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert smollm2_dir() == path and (path / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
     assert model.dtype == torch.float32 and model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert getattr(model.config, "quantization_config", None) is None
