@@ -469,3 +469,17 @@ def test_a_broken_list_override_is_one_line():
 
     with pytest.raises(UserError, match=r"train.adam_betas: expected a list, got '\[0.9,'"):
         load_config(SFTConfig, None, ["train.adam_betas=[0.9,"])
+
+
+def test_the_trained_model_runs_without_autocast_after_fit(tmp_path):
+    """fit returned the model still wrapped in accelerate's autocast: a reward model's normalisation, DPO's final KL
+    and later rejection-sampling rounds ran in bf16 where the stage's scoring runs in float32 (mean off by 0.025)."""
+    tok, rows = _sft_rows(tmp_path)
+    engine = Engine(TrainConfig(batch_size=8, micro_batch_size=8, max_steps=1, report_to=[], precision="bf16"),
+                    tmp_path / "run")
+    model, _ = engine.fit(tiny_llama(seed=3), SFT(tok.pad_token_id), rows, None)
+    plain = tiny_llama(seed=3)
+    plain.load_state_dict(model.state_dict())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)

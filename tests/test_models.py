@@ -52,6 +52,14 @@ def test_auto_dtype_keeps_fully_trained_weights_float32(tiny_llama_dir, monkeypa
     assert {p.dtype for n, p in lora.named_parameters() if "lora_" not in n} == {torch.bfloat16}
 
 
+def test_explicit_bf16_weights_trained_in_full_warn(tiny_llama_dir, caplog):
+    """model.dtype=bfloat16 with full fine-tuning lost ~99% of AdamW's updates at lr 1e-6, without a word."""
+    load_causal_lm(ModelConfig(path=tiny_llama_dir, dtype="bfloat16"), LoraConfig(r=2))  # a LoRA base: frozen
+    assert "trained in full" not in caplog.text
+    assert load_causal_lm(ModelConfig(path=tiny_llama_dir, dtype="bfloat16")).dtype == torch.bfloat16
+    assert "model.dtype=bfloat16 for weights trained in full: AdamW's updates below" in caplog.text
+
+
 def test_lora_default_targets_qwen2():
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2)

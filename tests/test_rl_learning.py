@@ -341,6 +341,14 @@ def test_a_prompt_that_cannot_be_rendered_fails_at_load_naming_its_line(tiny_lla
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+def test_bf16_weights_rescore_the_rollout_also_without_autocast(tiny_llama_dir, prompt_file, tmp_path):
+    """A LoRA base in bf16 with float32 compute: the sampler's log-probs differ from the training forward's by ~2e-3,
+    but only autocast turned the rescoring on (logp_diff_max 2e-3; the step-1 KL of policy == reference 1e-4)."""
+    first = run(GRPOConfig, run_grpo, tiny_llama_dir, prompt_file, tmp_path / "bf16", "online.steps=1", "lora.r=4",
+                "model.dtype=bfloat16", "train.precision=fp32", "sampling.max_new_tokens=24")[0]
+    assert first["logp_diff_max"] == 0.0 and first["kl"] == 0.0
+
+
 def test_sampling_settings_that_bias_the_kl(caplog):
     """An adaptive controller from beta 0 stayed at 0; a truncated sampler (top-k/top-p, a minimum length) made the
     KL to the reference read 15x too high, without a word."""

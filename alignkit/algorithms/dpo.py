@@ -312,7 +312,9 @@ def run_dpo(cfg: DPOConfig) -> Path:
         cfg.spec, cfg.hyper, tokenizer.pad_token_id, reference)
     if cfg.spec.reference and cfg.reference == "cached":
         splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
-        reference_id = f"{weights_stamp(cfg.reference_model or cfg.model.path)}|{cfg.model.dtype}|{acc.mixed_precision}"
+        scorer = reference.model if reference.model is not None else model  # LoRA: its frozen base scores
+        dtype = next((p.dtype for p in scorer.parameters() if not p.requires_grad), next(scorer.parameters()).dtype)
+        reference_id = f"{weights_stamp(cfg.reference_model or cfg.model.path)}|{dtype}|{acc.mixed_precision}"
         with acc.autocast():  # in the training's precision, as a live reference would be
             cache_reference(model, algorithm, splits, out / "reference_logps.pt", reference_id,
                             cfg.train.micro_batch_size, acc.device, acc.is_main_process)

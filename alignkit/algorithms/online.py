@@ -133,11 +133,14 @@ class OnlineAlgorithm:
 
         c, state = self.cfg, process_state()
         mine = prompts[state.process_index :: state.num_processes]
-        r = collect_rollout(unwrap(self.policy_of(unwrap(model))), self.tokenizer, mine, self.reward,
+        policy = unwrap(self.policy_of(unwrap(model)))
+        # the sampler's cached decoding matches the training forward only in float32 (bf16 weights or autocast: ~3e-3)
+        rescore = resolve_precision(c.train.precision) != "no" or any(p.dtype != torch.float32
+                                                                      for p in policy.parameters())
+        r = collect_rollout(policy, self.tokenizer, mine, self.reward,
                             c.sampling, group_size=c.online.group_size, reference=self.reference,
                             need_ref=c.kl.beta > 0, value_fn=value_fn, no_eos_penalty=c.reward.no_eos_penalty,
-                            chat_template=c.online.chat_template, monitor=self.monitor,
-                            rescore=resolve_precision(c.train.precision) != "no")
+                            chat_template=c.online.chat_template, monitor=self.monitor, rescore=rescore)
         return gather_rollout(r, state) if state.num_processes > 1 else r
 
     def rollout_metrics(self, r: Rollout) -> dict:

@@ -88,9 +88,9 @@ def run_round(model, tokenizer, prompts: list[dict], score, cfg: RejectionSampli
     kept = select_top(sampled, cfg.keep)
     examples = _tokenise(kept, tokenizer, cfg)
     if len(examples) < cfg.train.batch_size:
-        raise UserError(f"round {r}: {len(kept) - len(examples)} of the {len(kept)} kept completions are empty or leave "
-                        f"no completion token within max_length={cfg.max_length}; {len(examples)} fine-tuning rows "
-                        f"are fewer than train.batch_size ({cfg.train.batch_size})")
+        raise UserError(f"round {r}: {len(kept) - len(examples)} of the {len(kept)} kept completions are empty or "
+                        f"leave no completion token within max_length={cfg.max_length}; {len(examples)} fine-tuning "
+                        f"rows are fewer than train.batch_size ({cfg.train.batch_size})")
     run_dir = out / f"round{r}"
     write_jsonl(run_dir / "samples.jsonl", sampled)
     model, _ = Engine(cfg.train, run_dir).fit(model, SFT(tokenizer.pad_token_id), examples, None, to_dict(cfg),

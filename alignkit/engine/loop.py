@@ -324,7 +324,7 @@ class Engine:
                         save_checkpoint(acc, self.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints,
                                         desc)
                 logger.advance()
-        return acc.unwrap_model(model), eval_metrics
+        return acc.unwrap_model(model, keep_fp32_wrapper=False), eval_metrics  # no autocast after
 
 
 def _flat(d: dict) -> dict:

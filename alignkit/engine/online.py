@@ -125,4 +125,4 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
                     save_checkpoint(acc, engine.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints,
                                     desc, algorithm.state_dict())
             logger.advance()
-    return acc.unwrap_model(model)
+    return acc.unwrap_model(model, keep_fp32_wrapper=False)  # what follows runs in its own precision

@@ -95,6 +95,10 @@ def resolve_dtype(name: str, trained: bool = False) -> torch.dtype:
     master weights and computes under bf16 autocast (`train.precision`). A LoRA base is frozen: bf16.
     """
     if name != "auto":
+        if trained and name != "float32":
+            log.warning("model.dtype=%s for weights trained in full: AdamW's updates below %s's resolution are lost "
+                        "(most of them at small learning rates); `auto` keeps float32 weights and computes in bf16 "
+                        "under train.precision", name, name)
         return getattr(torch, name)
     native_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return torch.bfloat16 if native_bf16 and not trained else torch.float32
