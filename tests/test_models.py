@@ -114,6 +114,20 @@ def test_a_lora_adapter_is_not_taken_for_a_model(tiny_llama_dir, tmp_path):
     load_causal_lm(ModelConfig(str(tmp_path / "model")), LoraConfig(r=2))  # the merged one
 
 
+def test_a_saved_policy_stops_at_the_templates_end_of_turn_in_transformers(tiny_llama_dir, tmp_path):
+    """A base checkpoint (eos <|endoftext|>) fine-tuned on a ChatML template ends replies with <|im_end|>, which the
+    saved generation config did not name: transformers' generate ran past every reply."""
+    from transformers import GenerationConfig
+
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' }}"
+                         "{% endfor %}")
+    save_model(load_causal_lm(ModelConfig(path=tiny_llama_dir), LoraConfig(r=2)), tok, tmp_path)
+    saved = GenerationConfig.from_pretrained(tmp_path / "model").eos_token_id
+    assert saved == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+
+
 def test_saved_files_arrive_with_the_weights(tiny_llama_dir, tmp_path, monkeypatch):
     """A reward model's normalisation was written after model/ was renamed into place: a kill in between left a
     model that counted as done and scored without its gain and bias."""

@@ -304,6 +304,12 @@ def save_model(model, tokenizer, out_dir: str | Path, files: dict[str, dict] | N
         targets["model"] = merged
     else:
         targets["model"] = model
+    generation = getattr(targets["model"], "generation_config", None)
+    if generation is not None:  # HF's generate stops where ours does: at the template's end-of-turn token too
+        from alignkit.rollout.generate import stop_token_ids
+
+        stops = stop_token_ids(targets["model"], tokenizer)
+        generation.eos_token_id = stops[0] if len(stops) == 1 else stops or None
     for name, m in targets.items():
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
         try:
