@@ -404,3 +404,24 @@ def test_a_pairs_margin_is_not_taken_silently(tmp_path, caplog):
     pairs[1]["margin"] = 0.5
     load_pairs(str(write_jsonl(tmp_path / "m.jsonl", pairs)), tok, 64)
     assert "'margin' of 1 pairs (first " in caplog.text and "m.jsonl:2)" in caplog.text
+
+
+def test_the_reference_cache_is_keyed_by_the_dtype_that_scored_it(tmp_path, pair_files, tiny_llama_dir, caplog,
+                                                                    monkeypatch):
+    """The key held the config's `model.dtype` string: `auto` scored by a float32 base on one machine and a bf16 base
+    on another (a GPU's) read the same cache (5.9e-3 nats apart, a step-1 margin that should be 0)."""
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO)
+    _run(tmp_path, pair_files, "dpo", lora=2, steps=1, model=tiny_llama_dir)
+    cache = tmp_path / "run-dpo" / "reference_logps.pt"
+    shutil.copy(cache, tmp_path / "float32.pt")
+    shutil.rmtree(tmp_path / "run-dpo")
+    (tmp_path / "run-dpo").mkdir()
+    shutil.copy(tmp_path / "float32.pt", cache)  # the same run where `auto` gives a bf16 base (a GPU's)
+    monkeypatch.setattr("alignkit.models.load.resolve_dtype", lambda name, trained=False: torch.float32 if trained
+                        else torch.bfloat16)
+    caplog.clear()
+    _run(tmp_path, pair_files, "dpo", lora=2, steps=1, model=tiny_llama_dir)
+    assert "computing reference log-probs" in caplog.text
