@@ -168,6 +168,8 @@ def _build(cls: type, data: dict, prefix: str = ""):
     for k, v in kwargs.items():
         if low[k] is not None and v is not None:
             check_interval(prefix + k, v, low[k], None)
+    if isinstance(kwargs.get("output_dir"), str) and not kwargs["output_dir"].strip():  # Path("") is the cwd
+        raise UserError(f"{prefix}output_dir: empty; name the run directory")
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:

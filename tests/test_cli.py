@@ -218,6 +218,8 @@ def test_an_unwritable_output_is_refused_before_the_work(tiny_llama_dir, tmp_pat
         check_output(read_only / "out" / "x.jsonl")
     monkeypatch.chdir(tmp_path)  # output_dir= wrote the results into the current directory
     assert cli.main(["best-of-n", f"model.path={tiny_llama_dir}", f"prompts={prompts}", "output_dir="]) == 2
+    with pytest.raises(UserError, match="^output_dir: empty"):  # a training stage's too (it reached the data)
+        load_config(SFTConfig, None, ["output_dir= "])
 
 
 def test_unknown_key_and_missing_model_exit_2(tmp_path):

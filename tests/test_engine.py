@@ -483,3 +483,4 @@ def test_the_trained_model_runs_without_autocast_after_fit(tmp_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(model.eval()(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)
+        assert torch.equal(model(input_ids=ids, return_dict=False)[0], plain(input_ids=ids).logits)  # HF's forward

@@ -108,10 +108,20 @@ def test_a_lora_adapter_is_not_taken_for_a_model(tiny_llama_dir, tmp_path):
     """An adapter directory loaded as base + adapter, which a new LoRA then wrapped: the policy started from the
     base and its adapter-off reference was the base too, the adapter lost without a word."""
     policy = load_causal_lm(ModelConfig(path=tiny_llama_dir), LoraConfig(r=2))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # a trained adapter: the policy differs from its base
     save_model(policy, tiny_tokenizer(), tmp_path)
-    with pytest.raises(UserError, match=r"adapter' is a LoRA adapter, not a model: .*model/ beside its adapter/"):
+    with pytest.raises(UserError, match=r"adapter' is a LoRA adapter: to train from it, .*model/ beside its adapter/"):
         load_causal_lm(ModelConfig(str(tmp_path / "adapter")), LoraConfig(r=2))
     load_causal_lm(ModelConfig(str(tmp_path / "model")), LoraConfig(r=2))  # the merged one
+    sampler = load_causal_lm(ModelConfig(str(tmp_path / "adapter")), trainable=False)  # base + adapter, to sample
+    merged = load_causal_lm(ModelConfig(str(tmp_path / "model")), trainable=False)
+    ids = torch.tensor([[3, 4, 5]])
+    base = load_causal_lm(ModelConfig(tiny_llama_dir), trainable=False)(input_ids=ids).logits
+    assert torch.allclose(sampler(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
+    assert not torch.allclose(merged(input_ids=ids).logits, base, atol=1e-2)
 
 
 def test_a_saved_policy_stops_at_the_templates_end_of_turn_in_transformers(tiny_llama_dir, tmp_path):

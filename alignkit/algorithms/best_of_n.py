@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -163,7 +164,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> str:
                  f", gold {line['gold']:.3f}" if "gold" in line else "")
     out = Path(cfg.output_dir)  # written once every N is scored: a failing judge leaves no partial output
     for stale in out.glob("best_n*.jsonl"):  # an earlier run's N that this one does not have
-        if stale.name not in {f"best_n{n}.jsonl" for n in picks}:
+        if re.fullmatch(r"best_n\d+\.jsonl", stale.name) and stale.name not in {f"best_n{n}.jsonl" for n in picks}:
             stale.unlink()
     for n, best in picks.items():
         write_jsonl(out / f"best_n{n}.jsonl", best)

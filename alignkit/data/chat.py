@@ -4,9 +4,11 @@ The text of assistant turn i is what rendering `messages[: i + 1]` adds to rende
 with the generation prompt; this works for any template whose renderings of prefixes are prefixes
 of the full rendering (ChatML, Llama 3, Gemma, Mistral, plain ones) and needs no `{% generation %}`
 markers. A template that renders a turn otherwise once later turns follow (Phi-3 ends a conversation
-with EOS, Qwen3 drops the think blocks of earlier turns) needs only its generation prompts to be
-prefixes: each turn then ends at its end-of-turn token. (Mistral's template puts a system message
-into the last user turn only, so no training rendering holds it: such rows are refused.) Within a turn the targets run from the start of the content through the first special
+with EOS, Qwen3 gives only the last turn its think block) needs only its generation prompts to be
+prefixes: each turn then ends at its end-of-turn token. Rows are refused where the full rendering lacks
+a turn's text (Qwen3 strips the think block that an earlier turn's content holds) or a message
+(Mistral's template puts a system message into the last user turn only, which a training rendering
+never has). Within a turn the targets run from the start of the content through the first special
 token after it (the end-of-turn token: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, EOS, ...);
 what follows it (a newline before the next turn) is context, not a target.
 """
@@ -95,8 +97,8 @@ def assistant_pieces(
         if not (full.startswith(before) and pos <= len(before)):
             raise _not_prefix(where)
         through = full if i == last else render(tokenizer, messages[: i + 1], False, where)
-        # a template may render a turn otherwise once others follow (Phi-3 ends a conversation with EOS, Qwen3 drops
-        # earlier think blocks): then the turn ends at the first end-of-turn token after its content
+        # a template may render a turn otherwise once others follow (Phi-3 ends a conversation with EOS, Qwen3 gives
+        # the last turn a think block): then the turn ends at the first end-of-turn token after its content
         alone = full.startswith(through) and len(through) >= len(before)
         span = full[len(before) : len(through) if alone else len(full)]
         if not alone and message["content"].strip() not in span:

@@ -218,8 +218,6 @@ def check_output(output: str | os.PathLike | None, input: str | None = None, dir
     """At the start of a run, before its work: UserError when `output` (a file, or with `directory` a run directory)
     is the `input` file (writing it would overwrite what is being read) or cannot be written there (a file in the
     way, a read-only folder), rather than after hours of sampling or judging."""
-    if directory and not str(output):  # Path("") is the current directory
-        raise UserError("output_dir: empty; name the run directory")
     if not output:
         return
     path = Path(output)

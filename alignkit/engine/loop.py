@@ -72,6 +72,16 @@ def chunks(rows: list, size: int) -> list[list]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
+def without_autocast(model):
+    """`model` with its class's forward again: accelerate's `prepare` sets an instance `forward` that runs under the
+    training's autocast, and what a stage does with the trained model next (a reward model's normalisation, DPO's KL
+    estimate) runs in its own precision. (`unwrap_model(keep_fp32_wrapper=False)` also strips transformers' own
+    decorators of forward, e.g. `return_dict=False`'s.)"""
+    for name in ("forward", "_original_forward"):
+        model.__dict__.pop(name, None)
+    return model
+
+
 class Engine:
     """`results`: the files a stage writes into the run directory after training, besides `model/` and `adapter/`
     (e.g. a reward model's eval.json). All of them are removed when training starts, so that a run killed after a
@@ -324,7 +334,7 @@ class Engine:
                         save_checkpoint(acc, self.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints,
                                         desc)
                 logger.advance()
-        return acc.unwrap_model(model, keep_fp32_wrapper=False), eval_metrics  # no autocast after
+        return without_autocast(acc.unwrap_model(model)), eval_metrics
 
 
 def _flat(d: dict) -> dict:

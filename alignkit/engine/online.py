@@ -32,7 +32,7 @@ import torch
 from alignkit.config import option
 from alignkit.engine.checkpoint import save_checkpoint
 from alignkit.engine.logging import RunLogger
-from alignkit.engine.loop import Engine
+from alignkit.engine.loop import Engine, without_autocast
 from alignkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -125,4 +125,4 @@ def fit_online(engine: Engine, model, algorithm, prompt_rows: list, online: Onli
                     save_checkpoint(acc, engine.run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints,
                                     desc, algorithm.state_dict())
             logger.advance()
-    return acc.unwrap_model(model, keep_fp32_wrapper=False)  # what follows runs in its own precision
+    return without_autocast(acc.unwrap_model(model))

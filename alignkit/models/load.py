@@ -140,11 +140,6 @@ def from_pretrained(cls, name: str | os.PathLike, what: str, **kwargs):
     run = Path(resolved)
     if run.is_dir() and not (run / "config.json").exists() and (run / "model" / "config.json").exists():
         raise UserError(f"'{os.fspath(name)}' is a run directory, not a model; its model is '{run / 'model'}'")
-    if run.is_dir() and not (run / "config.json").exists() and (run / "adapter_config.json").exists():
-        # transformers would load base + adapter, which a new LoRA then wraps: its adapter-off reference and
-        # the policy it starts from would both be the base, without the adapter
-        raise UserError(f"'{os.fspath(name)}' is a LoRA adapter, not a model: give the merged model (an alignkit "
-                        f"run's model/ beside its adapter/), or merge it first (PEFT's merge_and_unload)")
     try:
         return cls.from_pretrained(resolved, **kwargs)
     except OSError as e:
@@ -173,6 +168,11 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: 
     from transformers import AutoModelForCausalLM
 
     lora_r = lora.r if lora is not None else 0
+    if trainable and (Path(resolve_path(cfg.path)) / "adapter_config.json").is_file():
+        # transformers loads base + adapter (fine to sample or score with), but a trained policy's new LoRA would wrap
+        # it: the policy would start from, and its adapter-off reference be, the base without the adapter
+        raise UserError(f"'{cfg.path}' is a LoRA adapter: to train from it, give the merged model (an alignkit run's "
+                        "model/ beside its adapter/) or merge it first (PEFT's merge_and_unload)")
     try:
         model = from_pretrained(AutoModelForCausalLM, cfg.path, "a causal LM",
                                 dtype=resolve_dtype(cfg.dtype, trainable and not lora_r))
@@ -182,7 +182,7 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig | None = None, trainable: 
     if saved_as and all(a.endswith("ForSequenceClassification") for a in saved_as):  # loads, then fails deep inside
         raise UserError(f"'{cfg.path}' holds a {saved_as[0]} (a reward model or classifier), not a causal LM")
     model.to(default_device())
-    if not rows_agree(model, [[1, 2, 3, 4], [1, 2, 3, 5]], slice(0, 3)):
+    if not rows_agree(model, [[1, 2, 3, 4], [1, 2, 3, 5]], slice(0, 3), attention_mask=[[1] * 4] * 2):
         raise UserError(f"'{cfg.path}' is not a causal LM: a token's logits change with the tokens after it (an "
                         "encoder such as BERT loads as a language model that looks ahead); give a decoder-only model")
     if lora_r:

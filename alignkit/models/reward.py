@@ -93,7 +93,7 @@ def load_reward_model(cfg: ModelConfig, pad_token_id: int | None, lora: LoraConf
     if lora_r:
         model = add_reward_lora(model, lora)
         disable_dropout(model)  # lora.dropout
-        if resolve_dtype(cfg.dtype, trained=True) != resolve_dtype(cfg.dtype):  # `auto` on a bf16 GPU
+        if reward_head(model).weight.dtype != torch.float32:  # a bf16 base (`auto` on a GPU): as PEFT's adapters
             _float32_head(model)
     if freeze_layers:
         freeze_bottom(model, freeze_layers)
@@ -111,9 +111,9 @@ def _float32_inputs(module, args):
 
 
 def _float32_head(model) -> None:
-    """A LoRA reward model's head trains in full, so it keeps float32 master weights on a bf16 base (PEFT upcasts
-    the adapters, not `modules_to_save`: AdamW's small updates to a bf16 head round away). The states it reads
-    are cast to float32, so it also runs outside autocast (the final evaluation)."""
+    """A LoRA reward model's head trains in full, so it keeps float32 master weights on a bf16 base, as PEFT keeps
+    the adapters (it does not upcast `modules_to_save`: AdamW's small updates to a bf16 head round away). The states
+    it reads are cast to float32, so it also runs outside autocast (the final evaluation)."""
     head = _head_module(model).float()
     head.register_forward_pre_hook(_float32_inputs)
 

@@ -52,7 +52,10 @@ class RewardModel:
                                     dtype=resolve_dtype("auto"))
         except ValueError as e:
             raise UserError(f"could not load a reward model from '{path}': {str(e).splitlines()[0]}") from None
-        model.config.pad_token_id = self.encoder.pad_id  # what pads our batches: the head reads the last other token
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.encoder.pad_id
+        else:  # the head reads the last token that is not the config's pad id: pad with that one (the model's own)
+            self.encoder.pad_id = model.config.pad_token_id
         self.model = model.to(self.device).eval()
         self.gain, self.bias = (self.meta.get("gain", 1.0), self.meta.get("bias", 0.0)) if normalize else (1.0, 0.0)
         self.batch_size = batch_size
