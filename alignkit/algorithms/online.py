@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class KLConfig:
     beta: float = option(0.05, "KL coefficient (the initial one when adaptive); 0 = no reference forward at all")
-    controller: Literal["fixed", "adaptive"] = option("fixed", "fixed beta, or Ziegler et al.'s adaptive controller")
+    controller: Literal["fixed", "adaptive"] = option(
+        "fixed", "fixed beta, or Ziegler et al.'s adaptive controller (from kl.beta > 0)")
     target: float = option(6.0, "Adaptive: target KL per response (nats)")
     horizon: int = option(10_000, "Adaptive: responses over which beta moves by at most 20%")
     estimator: Literal["k1", "k2", "k3"] = option("k1", "Per-token KL estimator (Schulman's k1, k2, k3)")

@@ -40,7 +40,8 @@ class RejectionSamplingConfig:
     rounds: int = option(2, "Sample -> select -> fine-tune rounds (R)")
     n: int = option(4, "Completions sampled per prompt and round (N)")
     keep: int = option(1, "Best completions per prompt kept for fine-tuning")
-    sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=64, seed=0), "Decoding settings")
+    sampling: SamplingConfig = option(SamplingConfig(max_new_tokens=64, seed=0),
+                                      "Decoding settings (seed null: one unseeded generator for every round)")
     batch_size: int = option(16, "Sequences per generation batch", low=1)
     max_prompts: int | None = option(64, "Use only the first N prompts", low=1)
     max_length: int = option(256, "Longest tokenised prompt + completion for fine-tuning", low=2)

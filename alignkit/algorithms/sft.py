@@ -26,7 +26,8 @@ class SFTDataConfig:
     max_length: int = option(256, "Longest tokenised example; longer ones are cut from the right", low=2)
     chat_template: bool = option(True, "Wrap rows in the tokenizer's chat template (prompt = user turn)")
     packing: bool = option(False, "Concatenate examples into blocks of max_length (fewer pad tokens); each "
-                                  "document attends only to itself")
+                                  "document attends only to itself (refused for models whose masks ignore position "
+                                  "ids: OPT, Bloom, MPT)")
     max_rows: int | None = option(None, "Use only the first N training rows (quick runs)", low=1)
     max_eval_rows: int | None = option(None, "Use only the first N held-out rows (cheaper evaluation)", low=1)
 

@@ -2,7 +2,7 @@
 
 A tokenised pair is `{"prompt_ids", "chosen_ids", "rejected_ids", "label", "prompt"}`: chosen and
 rejected share one prompt. An unpaired (KTO) row holds `seqs`, two (prompt_ids, completion_ids)
-sequences: its own and a mismatched one (its prompt with another row's completion, for KTO's
+sequences: its own and a mismatched one (its prompt with another prompt's completion, for KTO's
 reference point). Tokenisation reuses the SFT machinery (`alignkit.data.sft.tokenize_sft`), so the
 prompt is tokenised exactly as at generation time and the completion ends with the end-of-turn /
 EOS token the model must learn to emit.

@@ -5,7 +5,8 @@ Pairs, one comparison per row (the prompt is a string, or a conversation in `mes
     {"prompt": "Review X.", "chosen": "Loved it.", "rejected": "Meh."}
     {"messages": [{"role": "user", "content": "Review X."}], "chosen": "Loved it.", "rejected": "Meh."}
 
-  optional: `margin` (>= 0, how much better chosen is; subtracted inside the loss as in Llama 2),
+  optional: `margin` (>= 0, how much better chosen is; subtracted inside the reward model's loss as in Llama 2;
+  the DPO family leaves it unused, with a warning),
   `label` (in [0, 1], the probability that chosen is preferred: a soft label, e.g. from an AI judge),
   `id` (unique per row) and `prompt_id` (groups the comparisons of one prompt; one prompt per id).
 

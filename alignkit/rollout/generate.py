@@ -11,7 +11,8 @@ Implementation details (each measured on the benchmark machine, see `benchmarks/
    learned position embeddings (GPT-2) see the same positions as an unpadded prompt.
 2. Only the last position's logits are computed (`logits_to_keep=1`).
 3. The cache writes into preallocated buffers (`rollout.cache`) instead of `torch.cat` every step.
-4. A row that emits EOS is finished; finished rows are dropped from the batch and the cache once
+4. A row that emits a stop token (EOS, the generation config's EOS ids, the chat template's end of
+   turn: `stop_token_ids`) is finished; finished rows are dropped from the batch and the cache once
    they are at least an eighth of the batch, so they stop costing compute (until then they are
    decoded and their tokens discarded).
 5. Sampling inverts the CDF with one uniform per row (`rollout.sampling`), not `torch.multinomial`.
@@ -45,7 +46,8 @@ class SamplingConfig:
     """How to decode: greedy (`do_sample: false`), sampling, or beam search (`num_beams > 1`)."""
 
     max_new_tokens: int = option(64, "Maximum number of tokens to generate per prompt (EOS included)")
-    min_new_tokens: int = option(0, "EOS is suppressed until this many tokens have been generated")
+    min_new_tokens: int = option(0, "Stop tokens (EOS, end of turn) are suppressed until this many tokens have been "
+                                    "generated")
     do_sample: bool = option(True, "Sample from the distribution; false = greedy (or beam search if num_beams > 1)")
     temperature: float = option(1.0, "Divide logits by this before sampling; log-probs are reported at it too")
     top_k: int = option(0, "Sample only among the k most likely tokens; 0 = off")
