@@ -163,8 +163,9 @@ def run_best_of_n(cfg: BestOfNConfig) -> str:
         log.info("best-of-%d: analytic KL %s nats, reward %.3f%s", n, kl, line["reward"],
                  f", gold {line['gold']:.3f}" if "gold" in line else "")
     out = Path(cfg.output_dir)  # written once every N is scored: a failing judge leaves no partial output
+    written = {f"best_n{n}.jsonl" for n in picks}
     for stale in out.glob("best_n*.jsonl"):  # an earlier run's N that this one does not have
-        if re.fullmatch(r"best_n\d+\.jsonl", stale.name) and stale.name not in {f"best_n{n}.jsonl" for n in picks}:
+        if re.fullmatch(r"best_n\d+\.jsonl", stale.name) and stale.name not in written:
             stale.unlink()
     for n, best in picks.items():
         write_jsonl(out / f"best_n{n}.jsonl", best)
