@@ -141,8 +141,8 @@ def test_fast_linear_path_is_exact(tok, batch, monkeypatch):
     model = with_eos_bias(tiny_llama(), tok.eos_token_id, 5.5)
     plain = run(model, tok, batch, max_new_tokens=12, do_sample=False)
     monkeypatch.setattr(fast_linear, "MIN_NUMEL", 0)
-    with torch.inference_mode(), fast_linear.fast_linears(model) as n:
-        assert n == 15  # 7 per layer x 2 layers + the output layer
+    with torch.inference_mode(), fast_linear.fast_linears(model) as products:
+        assert len(products) == 15  # 7 per layer x 2 layers + the output layer
     fast = run(model, tok, batch, max_new_tokens=12, do_sample=False)
     assert torch.equal(plain.response_ids, fast.response_ids)
     torch.testing.assert_close(fast.logps, teacher_forced_logps(model, batch, fast), atol=1e-4, rtol=0)
@@ -276,8 +276,8 @@ def test_peft_wrapped_model(tok, batch, monkeypatch):
     tuned = run(lora, tok, batch, max_new_tokens=8, temperature=0.8, seed=0)  # adapters packed into the weights
     assert lora.training and not torch.equal(tuned.response_ids, sampled.response_ids)
     torch.testing.assert_close(tuned.logps, teacher_forced_logps(lora, batch, tuned, 0.8), atol=1e-4, rtol=0)
-    with torch.inference_mode(), fast_linear.fast_linears(lora) as n:
-        assert n == 15  # 6 LoRA layers as one product each (not their 18 inner linears) + 9 plain ones
+    with torch.inference_mode(), fast_linear.fast_linears(lora) as products:
+        assert len(products) == 15  # 6 LoRA layers as one product each (not their 18 inner linears) + 9 plain ones
     with lora.disable_adapter():  # the reference policy: the base weights, untouched by the packing
         assert torch.equal(run(lora, tok, batch, max_new_tokens=8, do_sample=False).response_ids, greedy.response_ids)
 

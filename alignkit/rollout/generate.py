@@ -18,7 +18,11 @@ Implementation details (each measured on the benchmark machine, see `benchmarks/
 5. Sampling inverts the CDF with one uniform per row (`rollout.sampling`), not `torch.multinomial`.
 6. On the CPU, the large float32 linear layers (the output layer above all) run through oneDNN
    with weights prepacked once per call, LoRA adapters merged into the packed copy (`rollout.linear`).
-7. The model runs in eval mode under `torch.inference_mode()`; its training mode is restored after
+7. On the CPU, a decode step of a Llama, Mistral or Qwen2 model runs as our own few dozen tensor operations
+   over the layers' weights (`rollout.decode_step`; equal to the model's forward to float rounding), not
+   through transformers' modules, whose Python is most of a small model's step; the prompt pass and every
+   other model go through the model's `forward`.
+8. The model runs in eval mode under `torch.inference_mode()`; its training mode is restored after
    and the returned tensors are ordinary tensors (usable as inputs to a later autograd pass).
 """
 
@@ -37,6 +41,7 @@ from alignkit.errors import UserError
 from alignkit.models.forward import keep_logits, prefill_positions, unique_prompts, with_cache
 from alignkit.models.load import base_model, context_length
 from alignkit.rollout.cache import make_cache
+from alignkit.rollout.decode_step import decode_step
 from alignkit.rollout.linear import fast_linears
 from alignkit.rollout.sampling import TokenChooser
 
@@ -154,7 +159,7 @@ def generate(
     eos = _eos_tensor(eos_token_id, input_ids.device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
-    with inference(model), fast_linears(model):
+    with inference(model), fast_linears(model) as products:
         if cfg.num_beams > 1:
             from alignkit.rollout.beam import beam_search
 
@@ -169,11 +174,11 @@ def generate(
                 eos_ids=eos,
                 generator=sampling_generator(cfg, input_ids.device, generator),
             )
-            out = _decode(model, input_ids, attention_mask, cfg.max_new_tokens, chooser, pad_token_id)
+            out = _decode(model, input_ids, attention_mask, cfg.max_new_tokens, chooser, pad_token_id, products)
     return Generation(*(t.clone() for t in out))  # clones are ordinary tensors, not inference tensors
 
 
-def _decode(model, input_ids, attention_mask, max_new: int, choose: TokenChooser, pad_id: int):
+def _decode(model, input_ids, attention_mask, max_new: int, choose: TokenChooser, pad_id: int, products: dict):
     """The decode loop; returns (response_ids, response_mask, logps) trimmed to the longest response."""
     b, p = input_ids.shape
     device = input_ids.device
@@ -192,6 +197,8 @@ def _decode(model, input_ids, attention_mask, max_new: int, choose: TokenChooser
     if shared:
         cache.batch_select_indices(index)
         logits = logits[index]
+    step_fn = decode_step(model, cache, products, p + max_new) if max_new > 1 else None
+    padded = bool((mask == 0).any())
     rows = torch.arange(b, device=device)  # original row of each batch row
     position = mask.sum(-1, keepdim=True)  # (b, 1) position id of the next token
     done = torch.zeros(b, dtype=torch.bool, device=device)  # finished but still in the batch
@@ -212,8 +219,11 @@ def _decode(model, input_ids, attention_mask, max_new: int, choose: TokenChooser
             cache.batch_select_indices(keep)
             rows, mask, position, tokens, done = rows[keep], mask[keep], position[keep], tokens[keep], done[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        logits = model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=position,
-                       **with_cache(cache), **extra).logits[:, -1, :]
+        if step_fn is not None:
+            logits = step_fn(tokens, position.squeeze(-1), mask if padded else None)
+        else:
+            logits = model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=position,
+                           **with_cache(cache), **extra).logits[:, -1, :]
         position = position + 1
     width = int(lengths.max())
     response_mask = torch.arange(max_new, device=device) < lengths.unsqueeze(-1)

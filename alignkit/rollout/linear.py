@@ -34,8 +34,8 @@ adapters' `get_delta_weight` (W + scaling * B @ A, what `merge_adapter` would wr
 packed copy, so the model's weights are never touched). Decoding then skips PEFT's per-layer Python
 and the two rank-r products: SmolLM2-135M with LoRA r 16 on all linear layers generated 24 tokens for
 8 prompts in 3.5 s instead of 4.1 s (greedy tokens identical, log-probs within 3e-5). With the
-adapters disabled (the reference policy), or for adapter variants such as DoRA, the wrapper runs as
-PEFT wrote it and only its frozen `base_layer` is packed.
+adapters disabled (the reference policy) the product is the frozen base weight alone; for adapter
+variants such as DoRA the wrapper runs as PEFT wrote it and only its frozen `base_layer` is packed.
 
 The packed copies are made when the block is entered (about 0.25 s for SmolLM2-135M) and dropped
 when it exits, so peak memory during a call is the weights twice over; nothing is kept between
@@ -69,16 +69,19 @@ def _plain_linear(module) -> bool:
 
 
 def _lora_weight(module) -> torch.Tensor | None:
-    """W + the active adapters' deltas for a PEFT LoRA linear with plain adapters on; else None."""
+    """W + the active adapters' deltas for a PEFT LoRA linear with plain adapters on (W alone with the adapters
+    disabled, as PEFT then runs the base layer alone); else None."""
     if not hasattr(module, "get_delta_weight") or not isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict):
         return None
-    active = [k for k in module.active_adapters if k in module.lora_A]
     variants = getattr(module, "lora_variant", None)  # DoRA and the like; absent: an unknown PEFT, leave it be
-    if (variants is None or module.disable_adapters or module.merged or "forward" in module.__dict__
-            or not _plain_linear(module.base_layer)
-            or any(k in variants or module.lora_B[k].bias is not None for k in active)):
+    if variants is None or module.merged or "forward" in module.__dict__ or not _plain_linear(module.base_layer):
         return None
     weight = module.base_layer.weight.detach()
+    if module.disable_adapters:
+        return weight
+    active = [k for k in module.active_adapters if k in module.lora_A]
+    if any(k in variants or module.lora_B[k].bias is not None for k in active):
+        return None
     for k in active:
         weight = weight + module.get_delta_weight(k).detach()
     return weight
@@ -111,19 +114,47 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _packed_forwards(group: list) -> list:
-    """Forwards for `group`, [(module, (weight, bias))], packed side by side as one product.
+class Product:
+    """x -> the outputs of the linear layers `members` for x, side by side (..., sum of `sizes`): one float32
+    product of their weights concatenated, prepacked for oneDNN when `packed` (else `torch.nn.functional.linear`).
+    `pairs` are the members' (weight, bias), from `_product`: all with a bias or none."""
+
+    def __init__(self, members: list, pairs: list, packed: bool):
+        self.members = tuple(members)
+        weights = [w for w, _ in pairs]
+        self.sizes = [w.shape[0] for w in weights]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        self.packed = packed
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if packed else weight
+        self.bias = None if pairs[0][1] is None else torch.cat([b for _, b in pairs]).detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return _linear(x, self.weight, self.bias)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def product_of(members: tuple, products: dict) -> Product | None:
+    """One product for `members` applied to the same input: the packed one `fast_linears` made when it packed
+    exactly these layers together, else an unpacked one; None when a member is not a float32 CPU linear layer (or
+    a packable LoRA one), or the members differ in input size or in having a bias."""
+    product = products.get(members[0])
+    if product is not None and product.members == members:
+        return product
+    pairs = [_product(m) for m in members]
+    if not all(pairs) or len({w.shape[1] for w, _ in pairs}) > 1 or len({b is None for _, b in pairs}) > 1:
+        return None
+    return Product(members, pairs, packed=_available())
+
+
+def _packed_forwards(product: Product) -> list:
+    """Forwards for the members of the packed `product`.
 
     The first member called with an input computes every member's output; the others, called next
     with that same tensor (as attention does q, k, v), take theirs instead of computing it again.
     A call with another input, or a second call for the same output, computes the product afresh.
     (This assumes the model does not modify that input in place between the calls; none does.)
     """
-    weights = [w for _, (w, _) in group]
-    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights) if len(group) > 1 else weights[0], None)
-    biases = [b for _, (_, b) in group]
-    bias = None if biases[0] is None else torch.cat(biases).detach()
-    sizes = [w.shape[0] for w in weights]
     pending: dict = {}  # "x": the last input, "out": {member: output} not yet taken
 
     def make(i: int, module):
@@ -132,34 +163,36 @@ def _packed_forwards(group: list) -> list:
                 return type(module).forward(module, x, *args, **kwargs)
             if pending.get("x") is x and i in pending["out"]:
                 return pending["out"].pop(i)
-            outs = [o.contiguous() for o in _linear(x, packed, bias).split(sizes, dim=-1)]
+            outs = [o.contiguous() for o in product(x).split(product.sizes, dim=-1)]
             pending.update(x=x, out={j: o for j, o in enumerate(outs) if j != i})
             return outs[i]
 
         return forward
 
-    return [make(i, m) for i, (m, _) in enumerate(group)]
+    return [make(i, m) for i, m in enumerate(product.members)]
 
 
 @contextlib.contextmanager
 def fast_linears(model, enabled: bool = True):
-    """Within the block (no grad), `model`'s large float32 CPU linear layers run through oneDNN."""
-    patched, inside = [], set()  # inside: layers of a packed group or LoRA wrapper, already handled
+    """Within the block (no grad), `model`'s large float32 CPU linear layers run through oneDNN. Yields
+    {layer: its packed Product} (the decode step of `rollout.decode_step` calls them directly)."""
+    products, inside = {}, set()  # inside: layers of a packed group or LoRA wrapper, already handled
     try:
         for m in model.modules() if enabled and _available() else ():
             if m in inside:
                 continue
             group = _siblings(m)
             if group is None:
-                product = _product(m)
-                if product is None or product[0].numel() < MIN_NUMEL:
+                pair = _product(m)
+                if pair is None or pair[0].numel() < MIN_NUMEL:
                     continue
-                group = [(m, product)]
-            for (member, _), forward in zip(group, _packed_forwards(group)):
+                group = [(m, pair)]
+            product = Product([member for member, _ in group], [pair for _, pair in group], packed=True)
+            for member, forward in zip(product.members, _packed_forwards(product)):
                 inside.update(member.modules())
                 member.forward = forward
-                patched.append(member)
-        yield len(patched)
+                products[member] = product
+        yield products
     finally:
-        for m in patched:
+        for m in products:
             m.__dict__.pop("forward", None)

@@ -1,0 +1,127 @@
+"""The Llama-style decode step (`alignkit.rollout.decode_step`) against the model's own forward."""
+
+import importlib
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from alignkit.models.tiny import tiny_gpt2, tiny_tokenizer  # noqa: E402
+from alignkit.rollout import SamplingConfig, generate  # noqa: E402
+from alignkit.rollout import linear as fast_linear  # noqa: E402
+from alignkit.rollout.cache import make_cache  # noqa: E402
+from alignkit.rollout.decode_step import decode_step  # noqa: E402
+
+generate_module = importlib.import_module("alignkit.rollout.generate")  # the package exports the function
+
+PROMPTS = ["the food was good and the service", "a", "review of the bad", "user: is it great", "zo", "good good",
+           "the service was", "bad food is bad", "great review", "a good user", "is it", "the assistant was great"]
+SHAPE = dict(vocab_size=2048, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=512, tie_word_embeddings=False)
+VARIANTS = {  # family: (config class, model class, options beyond SHAPE)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama-gqa-bias-llama3-rope-tied": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=True, head_dim=32,
+        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=64))),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=None)),
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def build(variant: str, tok, seed: int = 0):
+    config_cls, model_cls, options = VARIANTS[variant]
+    config = getattr(transformers, config_cls)(**{**SHAPE, **options}, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    with torch.no_grad():  # larger than the default init: peaked distributions, no near-ties in greedy decoding
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def run(model, tok, monkeypatch, fast: bool, eos: int | None = None, **sampling):
+    if not fast:
+        monkeypatch.setattr(generate_module, "decode_step", lambda *a, **k: None)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    out = generate(model, enc["input_ids"], enc["attention_mask"], SamplingConfig(**sampling),
+                   eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    monkeypatch.undo()
+    return out
+
+
+def frequent_token(gen) -> int:
+    """A token the model often emits after its first: as the stop token, it ends some rows early."""
+    return int(gen.response_ids[:, 1:].flatten().mode().values)
+
+
+def step_of(model, products=None):
+    enc = tiny_tokenizer()(PROMPTS[:2], return_tensors="pt", padding=True)
+    cache = make_cache(model.config, 40)
+    with torch.inference_mode():
+        model(**enc, cache=cache, use_cache=True)
+        return decode_step(model, cache, products or {}, 40)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("min_numel", [0, fast_linear.MIN_NUMEL])  # packed for oneDNN, or plain products
+def test_step_equals_the_model_forward(variant, min_numel, tok, monkeypatch):
+    """Greedy tokens identical and log-probs equal to rounding, with left padding, grouped heads, biases, scaled
+    rotary embeddings, tied output layer, and rows dropping out of the batch when they end."""
+    model = build(variant, tok)
+    assert step_of(model) is not None
+    monkeypatch.setattr(fast_linear, "MIN_NUMEL", min_numel)
+    for sampling in (dict(do_sample=False), dict(seed=0, temperature=0.7)):
+        eos = frequent_token(run(model, tok, monkeypatch, fast=False, max_new_tokens=12, **sampling))
+        want = run(model, tok, monkeypatch, fast=False, eos=eos, max_new_tokens=12, **sampling)
+        monkeypatch.setattr(fast_linear, "MIN_NUMEL", min_numel)
+        got = run(model, tok, monkeypatch, fast=True, eos=eos, max_new_tokens=12, **sampling)
+        lengths = want.response_mask.sum(-1)
+        assert lengths.min() < 12, "some rows should end early and drop out of the batch"
+        assert torch.equal(got.response_ids, want.response_ids) and torch.equal(got.response_mask, want.response_mask)
+        torch.testing.assert_close(got.logps, want.logps, atol=1e-5, rtol=0)
+
+
+def test_lora_adapters_merge_into_the_step(tok, monkeypatch):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build("llama", tok), peft.LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter
+    assert step_of(model) is not None
+    want = run(model, tok, monkeypatch, fast=False, max_new_tokens=10, seed=0)
+    got = run(model, tok, monkeypatch, fast=True, max_new_tokens=10, seed=0)
+    assert torch.equal(got.response_ids, want.response_ids)
+    torch.testing.assert_close(got.logps, want.logps, atol=1e-5, rtol=0)
+    with model.disable_adapter():  # the reference policy: the base weights alone
+        assert step_of(model) is not None
+        want = run(model, tok, monkeypatch, fast=False, max_new_tokens=10, seed=0)
+        base = run(model, tok, monkeypatch, fast=True, max_new_tokens=10, seed=0)
+    assert torch.equal(base.response_ids, want.response_ids) and not torch.equal(base.response_ids, got.response_ids)
+    torch.testing.assert_close(base.logps, want.logps, atol=1e-5, rtol=0)
+
+
+def test_unsupported_models_use_their_own_forward(tok):
+    """Other families, scaled rotary embeddings that depend on the length, hooks and autocast: no step."""
+    assert step_of(tiny_gpt2()) is None
+    dynamic = transformers.LlamaConfig(**SHAPE, rope_parameters=dict(rope_type="dynamic", factor=2.0,
+                                                                     rope_theta=10000.0))
+    assert step_of(transformers.LlamaForCausalLM(dynamic).eval()) is None
+    model = build("llama", tok)
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert step_of(model) is None
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert step_of(model) is None
+    assert step_of(model) is not None
+    assert step_of(model.to(torch.bfloat16)) is None
