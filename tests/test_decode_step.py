@@ -13,6 +13,7 @@ from alignkit.models.tiny import tiny_gpt2, tiny_tokenizer  # noqa: E402
 from alignkit.rollout import SamplingConfig, generate  # noqa: E402
 from alignkit.rollout import linear as fast_linear  # noqa: E402
 from alignkit.rollout.cache import make_cache  # noqa: E402
+from alignkit.rollout import decode_step as step_module  # noqa: E402
 from alignkit.rollout.decode_step import decode_step  # noqa: E402
 
 generate_module = importlib.import_module("alignkit.rollout.generate")  # the package exports the function
@@ -72,18 +73,30 @@ def step_of(model, products=None):
         return decode_step(model, cache, products or {}, 40)
 
 
+def products_from(monkeypatch, source: str) -> None:
+    """Where the step's products come from: packed by `fast_linears` (every layer), packed by the step itself (the
+    tiny layers are under MIN_NUMEL), or plain `F.linear` (no oneDNN)."""
+    if source == "fast_linears":
+        monkeypatch.setattr(fast_linear, "MIN_NUMEL", 0)
+    elif source == "no oneDNN":
+        monkeypatch.setattr(fast_linear, "_available", lambda: False)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("min_numel", [0, fast_linear.MIN_NUMEL])  # packed for oneDNN, or plain products
-def test_step_equals_the_model_forward(variant, min_numel, tok, monkeypatch):
+@pytest.mark.parametrize("source", ["fast_linears", "step", "no oneDNN"])
+def test_step_equals_the_model_forward(variant, source, tok, monkeypatch):
     """Greedy tokens identical and log-probs equal to rounding, with left padding, grouped heads, biases, scaled
     rotary embeddings, tied output layer, and rows dropping out of the batch when they end."""
     model = build(variant, tok)
+    products_from(monkeypatch, source)
+    made = []
+    monkeypatch.setattr(step_module, "product_of", lambda *a: made.append(fast_linear.product_of(*a)) or made[-1])
     assert step_of(model) is not None
-    monkeypatch.setattr(fast_linear, "MIN_NUMEL", min_numel)
+    assert len(made) == 9 and all(p.packed == (source != "no oneDNN") for p in made)  # 4 a layer + the output
     for sampling in (dict(do_sample=False), dict(seed=0, temperature=0.7)):
         eos = frequent_token(run(model, tok, monkeypatch, fast=False, max_new_tokens=12, **sampling))
         want = run(model, tok, monkeypatch, fast=False, eos=eos, max_new_tokens=12, **sampling)
-        monkeypatch.setattr(fast_linear, "MIN_NUMEL", min_numel)
+        products_from(monkeypatch, source)
         got = run(model, tok, monkeypatch, fast=True, eos=eos, max_new_tokens=12, **sampling)
         lengths = want.response_mask.sum(-1)
         assert lengths.min() < 12, "some rows should end early and drop out of the batch"
