@@ -9,6 +9,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from alignkit.errors import UserError  # noqa: E402
+from alignkit.models.load import base_model  # noqa: E402
 from alignkit.models.tiny import tiny_gpt2, tiny_tokenizer  # noqa: E402
 from alignkit.rollout import SamplingConfig, generate  # noqa: E402
 from alignkit.rollout import linear as fast_linear  # noqa: E402
@@ -51,12 +53,15 @@ def build(variant: str, tok, seed: int = 0):
 
 
 def run(model, tok, monkeypatch, fast: bool, eos: int | None = None, **sampling):
-    if not fast:
-        monkeypatch.setattr(generate_module, "decode_step", lambda *a, **k: None)
-    enc = tok(PROMPTS, return_tensors="pt", padding=True)
-    out = generate(model, enc["input_ids"], enc["attention_mask"], SamplingConfig(**sampling),
-                   eos_token_id=eos, pad_token_id=tok.pad_token_id)
-    monkeypatch.undo()
+    """A generation with the step (checked to be used) or through the model's forward."""
+    made = []
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_module, "decode_step",
+                      (lambda *a: made.append(decode_step(*a)) or made[-1]) if fast else (lambda *a: None))
+        enc = tok(PROMPTS, return_tensors="pt", padding=True)
+        out = generate(model, enc["input_ids"], enc["attention_mask"], SamplingConfig(**sampling),
+                       eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    assert not fast or (made and made[0] is not None), "the generation did not use the step"
     return out
 
 
@@ -65,12 +70,13 @@ def frequent_token(gen) -> int:
     return int(gen.response_ids[:, 1:].flatten().mode().values)
 
 
-def step_of(model, products=None):
+def step_of(model):
+    """The step for `model` after a prompt pass (None: generation would use the model's forward)."""
     enc = tiny_tokenizer()(PROMPTS[:2], return_tensors="pt", padding=True)
-    cache = make_cache(model.config, 40)
+    cache = make_cache(base_model(model).config, 40)
     with torch.inference_mode():
         model(**enc, cache=cache, use_cache=True)
-        return decode_step(model, cache, products or {}, 40)
+        return decode_step(model, cache, {}, 40)
 
 
 def products_from(monkeypatch, source: str) -> None:
@@ -89,15 +95,20 @@ def test_step_equals_the_model_forward(variant, source, tok, monkeypatch):
     rotary embeddings, tied output layer, and rows dropping out of the batch when they end."""
     model = build(variant, tok)
     products_from(monkeypatch, source)
-    made = []
-    monkeypatch.setattr(step_module, "product_of", lambda *a: made.append(fast_linear.product_of(*a)) or made[-1])
-    assert step_of(model) is not None
-    assert len(made) == 9 and all(p.packed == (source != "no oneDNN") for p in made)  # 4 a layer + the output
+    made = []  # (packed, made by fast_linears) of each product the step asked for
+
+    def spy(members, products):
+        product = fast_linear.product_of(members, products)
+        made.append((product.packed, product is products.get(members[0])))
+        return product
+
+    monkeypatch.setattr(step_module, "product_of", spy)
     for sampling in (dict(do_sample=False), dict(seed=0, temperature=0.7)):
         eos = frequent_token(run(model, tok, monkeypatch, fast=False, max_new_tokens=12, **sampling))
         want = run(model, tok, monkeypatch, fast=False, eos=eos, max_new_tokens=12, **sampling)
-        products_from(monkeypatch, source)
+        made.clear()
         got = run(model, tok, monkeypatch, fast=True, eos=eos, max_new_tokens=12, **sampling)
+        assert made == [(source != "no oneDNN", source == "fast_linears")] * 9  # 4 a layer + the output layer
         lengths = want.response_mask.sum(-1)
         assert lengths.min() < 12, "some rows should end early and drop out of the batch"
         assert torch.equal(got.response_ids, want.response_ids) and torch.equal(got.response_mask, want.response_mask)
@@ -125,16 +136,59 @@ def test_lora_adapters_merge_into_the_step(tok, monkeypatch):
 
 
 def test_unsupported_models_use_their_own_forward(tok):
-    """Other families, scaled rotary embeddings that depend on the length, hooks and autocast: no step."""
+    """Other families, scaled rotary embeddings that depend on the length, autocast, bf16: no step."""
     assert step_of(tiny_gpt2()) is None
     dynamic = transformers.LlamaConfig(**SHAPE, rope_parameters=dict(rope_type="dynamic", factor=2.0,
                                                                      rope_theta=10000.0))
     assert step_of(transformers.LlamaForCausalLM(dynamic).eval()) is None
     model = build("llama", tok)
-    handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None)
-    assert step_of(model) is None
-    handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert step_of(model) is None
     assert step_of(model) is not None
     assert step_of(model.to(torch.bfloat16)) is None
+
+
+class LlamaDecoderLayer(transformers.models.llama.modeling_llama.LlamaDecoderLayer):
+    """A look-alike of transformers' class (as remote-code copies are), computing something else."""
+
+    def forward(self, hidden_states, **kwargs):
+        return 0.5 * super().forward(hidden_states, **kwargs)
+
+
+def test_what_may_change_the_forward_falls_back(tok):
+    """Hooks on any module (a PEFT wrapper's too) or global ones, a forward replaced on a submodule, subclasses and
+    look-alike classes, layers out of cache order: each can make the model compute something else, so no step."""
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(build("llama", tok), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert step_of(wrapped) is not None
+    handle = wrapped.register_forward_hook(lambda module, args, out: out)
+    assert step_of(wrapped) is None
+    handle.remove()
+    model = build("llama", tok)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out)
+    assert step_of(model) is None
+    handle.remove()
+    model.model.norm.forward = lambda x: x
+    assert step_of(model) is None
+    del model.model.norm.forward
+    assert step_of(model) is not None
+    model.model.layers = torch.nn.ModuleList(list(model.model.layers)[::-1])  # each would read the other's cache
+    assert step_of(model) is None
+    model = build("llama", tok)
+    look_alike = LlamaDecoderLayer(model.config, 1)
+    look_alike.load_state_dict(model.model.layers[1].state_dict())
+    model.model.layers[1] = look_alike
+    assert step_of(model) is None
+    subclass = type("LlamaForCausalLM", (transformers.LlamaForCausalLM,), {})(build("llama", tok).config).eval()
+    assert step_of(subclass) is None
+
+
+def test_prompt_learning_adapters_are_refused(tok):
+    """Prefix tuning passes its own key/value cache, which our decoding replaces: an error, not wrong samples."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build("llama", tok), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                              num_virtual_tokens=4))
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    with pytest.raises(UserError, match="prompt-learning PEFT adapters"):
+        generate(model, enc["input_ids"], enc["attention_mask"], SamplingConfig(max_new_tokens=4),
+                 eos_token_id=None, pad_token_id=tok.pad_token_id)

@@ -7,81 +7,116 @@ alone about 0.9 ms. This step computes the same thing with the layers' own weigh
 `BufferLayer` cache: an embedding lookup, then per layer RMSNorm, one product for q/k/v, rotary
 embeddings from a table made once per generation (q and k rotated together), the cache write,
 `scaled_dot_product_attention`, the output projection, RMSNorm, one product for gate/up, SiLU, the down
-projection; then the final norm and the output layer. Within a generation of 32 tokens a step took
-1.95 ms; with the products of `rollout.linear` (oneDNN-packed, LoRA adapters merged), every product
-packed (a plain `F.linear` of the small ones measured slower inside the step than in isolation).
-SmolLM2-135M with LoRA r 16: 24 tokens for 8 prompts in 1.33 s instead of 1.47-1.77 s, the same tokens.
+projection; then the final norm and the output layer. Within a generation of 32 tokens a step took 1.95 ms.
+The products are those of `rollout.linear` (LoRA adapters merged in), all of them oneDNN-packed: inside
+the step even the small ones ran faster packed than through `F.linear`. SmolLM2-135M with LoRA r 16
+generated 24 tokens for 8 prompts in 1.33 s instead of 1.47-1.77 s.
 
-It is used only where it computes what the model does (logits equal to float rounding; `tests/test_decode_step.py`
-compares generations with and without it, and the generation tests compare with `model.generate`):
-- every decoder layer of a class in `LAYERS` (Llama, Mistral, Qwen2: pre-norm RMSNorm, rotary attention
-  with optional q/k/v biases and grouped key/value heads, a gated MLP) and a SiLU activation;
+It is used only where it computes what the model does (log-probs equal to float rounding, about 1e-5 on
+SmolLM2; `tests/test_decode_step.py` compares generations with and without it, and the generation tests
+compare with `model.generate`). Sampled tokens can still differ where a draw falls within rounding of the
+boundary between two tokens, as between any two kernels. The conditions:
+- transformers' own classes of one family in `FAMILIES` (Llama, Mistral, Qwen2: pre-norm RMSNorm, rotary
+  attention with optional q/k/v biases and grouped key/value heads, a gated MLP), not subclasses or
+  remote-code copies, with a SiLU activation and layers in cache order;
 - rotary embeddings whose cos/sin depend on the position only (`ROPE_TYPES`);
 - an embedding, projections and output layer that are plain float32 CPU layers (or LoRA ones whose
-  adapters merge into the product), no module hooks, and a `BufferLayer` cache (full attention only).
-Anything else (other families, GPU, bf16, DoRA, offloading hooks) decodes through the model's `forward`.
+  adapters merge into the product), and a float32 `BufferLayer` cache (full attention only: a sliding
+  window, as in Mistral-7B-v0.1, falls back);
+- no hooks, no `forward` replaced on any module (accelerate's autocast wrapper, torch.compile), no autocast.
+Anything else (other families, GPU, bf16, DoRA, merged adapters) decodes through the model's `forward`.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
 
 from alignkit.models.load import base_model
 from alignkit.rollout.cache import BufferLayer
 from alignkit.rollout.linear import product_of
 
-LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # transformers module: class prefix
+PARTS = ("ForCausalLM", "Model", "DecoderLayer", "Attention", "MLP", "RMSNorm", "RotaryEmbedding")
 ROPE_TYPES = {"default", "linear", "llama3", "yarn"}  # not "dynamic" / "longrope": they depend on the length
 
 
-def _wrapped(model, lm) -> bool:
-    """Whether running `lm`'s layers directly could skip something: module hooks (accelerate's offloading), a
-    forward replaced on the instance (accelerate's autocast wrapper), or autocast itself."""
-    hooks = any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in lm.modules())
-    return hooks or any("forward" in m.__dict__ for m in (model, lm)) or torch.is_autocast_enabled("cpu")
+@functools.lru_cache(maxsize=1)
+def _families() -> dict:
+    """{causal LM class: {part: class}} for the supported families, transformers' own classes (not subclasses or
+    remote-code copies of the same name, which may compute something else)."""
+    out = {}
+    for name, prefix in FAMILIES.items():
+        module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        classes = {part: getattr(module, prefix + part) for part in PARTS}
+        out[classes["ForCausalLM"]] = classes
+    return out
 
 
-def _rms(norm) -> tuple[torch.Tensor, float] | None:
-    eps = getattr(norm, "variance_epsilon", None)
-    if not type(norm).__name__.endswith("RMSNorm") or eps is None or norm.weight.dtype != torch.float32:
-        return None
-    return norm.weight.detach(), eps
+def _is(module, cls) -> bool:
+    return type(module) is cls
+
+
+def _modified(model, products: dict) -> bool:
+    """Whether anything may change what the model computes beyond its layers' own code: module hooks anywhere
+    (accelerate's offloading) or global ones, a `forward` replaced on any module other than the linear layers
+    `fast_linears` patched (accelerate's autocast wrapper, torch.compile), autocast."""
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or torch.is_autocast_enabled("cpu"):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") or
+               ("forward" in m.__dict__ and m not in products) for m in model.modules())
+
+
+def _rms(norm, cls) -> tuple[torch.Tensor, float] | None:
+    return (norm.weight.detach(), norm.variance_epsilon) if _is(norm, cls) and norm.weight.dtype == torch.float32 else None
+
+
+def _supported(lm, inner, parts: dict, cache) -> bool:
+    layers = inner.layers
+    config = lm.config
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    return (_is(inner, parts["Model"]) and _is(inner.rotary_emb, parts["RotaryEmbedding"])
+            and type(inner.embed_tokens) is torch.nn.Embedding and inner.embed_tokens.weight.dtype == torch.float32
+            and config.hidden_act == "silu" and rope in ROPE_TYPES
+            and all(_is(layer, parts["DecoderLayer"]) and _is(layer.self_attn, parts["Attention"])
+                    and _is(layer.mlp, parts["MLP"]) and layer.self_attn.layer_idx == i for i, layer in enumerate(layers))
+            and len(cache.layers) == len(layers)
+            and all(type(c) is BufferLayer and c.keys.dtype == torch.float32 for c in cache.layers))
 
 
 def decode_step(model, cache, products: dict, positions: int) -> Callable | None:
     """A function (tokens (b,), position ids (b,), attention mask (b, L) or None) -> next-token logits (b, V),
     equal to `model`'s forward of one token per row over `cache` (which it extends), or None where unsupported.
 
-    `products`: the packed products of `rollout.linear.fast_linears`; `positions`: how many position ids the
-    generation reads (rotary tables are made for them once)."""
+    `cache`: filled by the prompt pass; `products`: the packed products of `rollout.linear.fast_linears`;
+    `positions`: how many position ids the generation reads (rotary tables are made for them once)."""
     lm = base_model(model)
-    inner, head = getattr(lm, "model", None), getattr(lm, "lm_head", None)
-    layers = getattr(inner, "layers", None)
-    config = getattr(lm, "config", None)
-    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if (layers is None or head is None or not all(type(layer).__name__ in LAYERS for layer in layers)
-            or getattr(config, "hidden_act", None) != "silu" or rope not in ROPE_TYPES
-            or type(inner.embed_tokens) is not torch.nn.Embedding or _wrapped(model, lm)
-            or len(cache.layers) != len(layers) or not all(type(c) is BufferLayer for c in cache.layers)):
+    parts = _families().get(type(lm))
+    if parts is None or _modified(model, products) or not _supported(lm, lm.model, parts, cache):
         return None
+    inner = lm.model
     steps = []
-    for layer, kv in zip(layers, cache.layers):
+    for layer, kv in zip(inner.layers, cache.layers):
         a, mlp = layer.self_attn, layer.mlp
         qkv = product_of((a.q_proj, a.k_proj, a.v_proj), products)
         out = product_of((a.o_proj,), products)
         gate_up = product_of((mlp.gate_proj, mlp.up_proj), products)
         down = product_of((mlp.down_proj,), products)
-        norms = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
+        norms = _rms(layer.input_layernorm, parts["RMSNorm"]), _rms(layer.post_attention_layernorm, parts["RMSNorm"])
         if None in (qkv, out, gate_up, down, *norms):
             return None
-        steps.append((norms, qkv, a.head_dim, a.scaling, out, gate_up, down, kv))
-    final, output = _rms(inner.norm), product_of((head,), products)
-    embedding = inner.embed_tokens.weight
-    if final is None or output is None or embedding.dtype != torch.float32 or embedding.device.type != "cpu":
+        d = a.head_dim
+        heads = [size // d for size in qkv.sizes]  # query heads, key/value heads (twice)
+        steps.append((norms, qkv, d, heads[0], heads[1], a.scaling, out, gate_up, down, kv))
+    final, output = _rms(inner.norm, parts["RMSNorm"]), product_of((lm.lm_head,), products)
+    if final is None or output is None:
         return None
+    embedding = inner.embed_tokens.weight
     ids = torch.arange(positions).unsqueeze(0)
     cos, sin = (t[0] for t in inner.rotary_emb(embedding[:1], ids))  # (positions, D) each, scaling included
     half = cos.shape[-1] // 2
@@ -92,12 +127,11 @@ def decode_step(model, cache, products: dict, positions: int) -> Callable | None
         x = F.embedding(tokens, embedding)  # (b, hidden)
         c, s = cos[position].unsqueeze(1), sin[position].unsqueeze(1)  # (b, 1, D)
         keep = None if mask is None else mask.bool()[:, None, None, :]  # (b, 1, 1, L)
-        for (n1, n2), qkv, d, scaling, out, gate_up, down, kv in steps:
+        for (n1, n2), qkv, d, q_heads, kv_heads, scaling, out, gate_up, down, kv in steps:
             y = qkv(F.rms_norm(x, x.shape[-1:], *n1))  # (b, (Q + 2 K) D): Q query heads, K key/value heads
-            q_heads, kv_heads = qkv.sizes[0] // d, qkv.sizes[1] // d
-            qk = y[:, : qkv.sizes[0] + qkv.sizes[1]].view(b, -1, d)  # (b, Q + K, D): q and k rotate together
+            qk = y[:, : (q_heads + kv_heads) * d].view(b, -1, d)  # (b, Q + K, D): q and k rotate together
             qk = torch.addcmul(qk * c, qk.roll(half, -1), s)
-            keys, values = kv.update(qk[:, q_heads:, None], y[:, -qkv.sizes[2]:].view(b, kv_heads, 1, d))
+            keys, values = kv.update(qk[:, q_heads:, None], y[:, -kv_heads * d :].view(b, kv_heads, 1, d))
             # query heads [g n, (g + 1) n) read key/value head g (transformers' repeat_kv): (b, K, n, D)
             q = qk[:, :q_heads].view(b, kv_heads, -1, d)
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=scaling)

@@ -18,8 +18,9 @@ Implementation details (each measured on the benchmark machine, see `benchmarks/
 5. Sampling inverts the CDF with one uniform per row (`rollout.sampling`), not `torch.multinomial`.
 6. On the CPU, the large float32 linear layers (the output layer above all) run through oneDNN
    with weights prepacked once per call, LoRA adapters merged into the packed copy (`rollout.linear`).
-7. On the CPU, a decode step of a Llama, Mistral or Qwen2 model runs as our own few dozen tensor operations
-   over the layers' weights (`rollout.decode_step`; equal to the model's forward to float rounding), not
+7. On the CPU, a decode step of a Llama, Mistral or Qwen2 model with full attention (no sliding window) runs as
+   our own few dozen tensor operations over the layers' weights (`rollout.decode_step`; equal to the model's
+   forward to float rounding), not
    through transformers' modules, whose Python is most of a small model's step; the prompt pass and every
    other model go through the model's `forward`.
 8. The model runs in eval mode under `torch.inference_mode()`; its training mode is restored after
@@ -39,7 +40,7 @@ from alignkit.config import option
 from alignkit.data.chat import render
 from alignkit.errors import UserError
 from alignkit.models.forward import keep_logits, prefill_positions, unique_prompts, with_cache
-from alignkit.models.load import base_model, context_length
+from alignkit.models.load import base_model, context_length, unwrap
 from alignkit.rollout.cache import make_cache
 from alignkit.rollout.decode_step import decode_step
 from alignkit.rollout.linear import fast_linears
@@ -144,6 +145,9 @@ def generate(
     Greedy and beam search report log-probs at temperature 1.
     """
     cfg.validate()
+    if getattr(getattr(unwrap(model), "active_peft_config", None), "is_prompt_learning", False):
+        raise UserError("prompt-learning PEFT adapters (prompt or prefix tuning) cannot generate here: alignkit's "
+                        "decoding passes its own key/value cache and attention mask; use LoRA")
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask must both be (B, P)")
     empty = (attention_mask.sum(-1) == 0).nonzero()

@@ -174,12 +174,12 @@ def _packed_forwards(product: Product) -> list:
 
 
 @contextlib.contextmanager
-def fast_linears(model, enabled: bool = True):
+def fast_linears(model):
     """Within the block (no grad), `model`'s large float32 CPU linear layers run through oneDNN. Yields
     {layer: its packed Product} (the decode step of `rollout.decode_step` calls them directly)."""
     products, inside = {}, set()  # inside: layers of a packed group or LoRA wrapper, already handled
     try:
-        for m in model.modules() if enabled and _available() else ():
+        for m in model.modules() if _available() else ():
             if m in inside:
                 continue
             group = _siblings(m)
