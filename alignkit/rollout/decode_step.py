@@ -73,7 +73,10 @@ def _modified(model, products: dict) -> bool:
 
 
 def _rms(norm, cls) -> tuple[torch.Tensor, float] | None:
-    return (norm.weight.detach(), norm.variance_epsilon) if _is(norm, cls) and norm.weight.dtype == torch.float32 else None
+    """(weight, eps) of a float32 RMSNorm of the family's own class, else None."""
+    if not _is(norm, cls) or norm.weight.dtype != torch.float32:
+        return None
+    return norm.weight.detach(), norm.variance_epsilon
 
 
 def _supported(lm, inner, parts: dict, cache) -> bool:
@@ -84,7 +87,8 @@ def _supported(lm, inner, parts: dict, cache) -> bool:
             and type(inner.embed_tokens) is torch.nn.Embedding and inner.embed_tokens.weight.dtype == torch.float32
             and config.hidden_act == "silu" and rope in ROPE_TYPES
             and all(_is(layer, parts["DecoderLayer"]) and _is(layer.self_attn, parts["Attention"])
-                    and _is(layer.mlp, parts["MLP"]) and layer.self_attn.layer_idx == i for i, layer in enumerate(layers))
+                    and _is(layer.mlp, parts["MLP"]) and layer.self_attn.layer_idx == i  # the cache's order
+                    for i, layer in enumerate(layers))
             and len(cache.layers) == len(layers)
             and all(type(c) is BufferLayer and c.keys.dtype == torch.float32 for c in cache.layers))
 

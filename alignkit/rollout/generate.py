@@ -20,9 +20,8 @@ Implementation details (each measured on the benchmark machine, see `benchmarks/
    with weights prepacked once per call, LoRA adapters merged into the packed copy (`rollout.linear`).
 7. On the CPU, a decode step of a Llama, Mistral or Qwen2 model with full attention (no sliding window) runs as
    our own few dozen tensor operations over the layers' weights (`rollout.decode_step`; equal to the model's
-   forward to float rounding), not
-   through transformers' modules, whose Python is most of a small model's step; the prompt pass and every
-   other model go through the model's `forward`.
+   forward to float rounding), not through transformers' modules, whose Python is most of a small model's
+   step; the prompt pass and every other model go through the model's `forward`.
 8. The model runs in eval mode under `torch.inference_mode()`; its training mode is restored after
    and the returned tensors are ordinary tensors (usable as inputs to a later autograd pass).
 """
