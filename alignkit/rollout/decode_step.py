@@ -79,7 +79,8 @@ def _rms(norm, cls) -> tuple[torch.Tensor, float] | None:
     return norm.weight.detach(), norm.variance_epsilon
 
 
-def _supported(lm, inner, parts: dict, cache) -> bool:
+def _supported(lm, parts: dict, cache) -> bool:
+    inner = lm.model
     layers = inner.layers
     config = lm.config
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -101,7 +102,7 @@ def decode_step(model, cache, products: dict, positions: int) -> Callable | None
     `positions`: how many position ids the generation reads (rotary tables are made for them once)."""
     lm = base_model(model)
     parts = _families().get(type(lm))
-    if parts is None or _modified(model, products) or not _supported(lm, lm.model, parts, cache):
+    if parts is None or _modified(model, products) or not _supported(lm, parts, cache):
         return None
     inner = lm.model
     steps = []
