@@ -2,6 +2,7 @@
 
 import json
 import math
+import random
 
 import numpy as np
 import pytest
@@ -288,6 +289,21 @@ def test_bad_gold_scores_are_errors(tmp_path, judge, message):
     assert str(e.value) == message and not (tmp_path / "o.jsonl").exists()
 
 
+def test_pass_sets_use_every_text_once_a_pass():
+    from alignkit.tasks.preference_demo import pass_sets
+
+    texts = [{"prompt": f"p{d}", "completion": f"{d}{i}", "domain": d} for d in "ab" for i in range(7)]
+    sets = pass_sets(texts, 3, 2, random.Random(0), "t")
+    assert len(sets) == 2 * 2 * 2  # 2 passes x 2 domains x 2 sets of 3 (one text of 7 left over each time)
+    for s in sets:
+        assert len(s["completions"]) == 3 and {c[0] for c in s["completions"]} == {s["domain"]}
+        assert s["prompt"] == f"p{s['domain']}"
+    for n in range(2):  # a pass: six distinct texts of each domain
+        one = [c for s in sets[4 * n:4 * n + 4] for c in s["completions"]]
+        assert len(set(one)) == 12
+    assert len({s["prompt_id"] for s in sets}) == 8
+
+
 def test_demo_preferences(tmp_path, monkeypatch):
     """Simulated VADER labels on the embedded reviews: sizes, ceiling ~0.9, no held-out text in training."""
     import importlib.util
@@ -299,10 +315,13 @@ def test_demo_preferences(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNKIT_HOME", str(tmp_path))
     paths = build_preference_demo()
     train, held_out = read_pairs(paths["pairs_train"]), read_pairs(paths["pairs_eval"])
-    rankings = read_rankings(paths["rankings_train"])
+    rankings, large = read_rankings(paths["rankings_train"]), read_rankings(paths["rankings_large"])
     assert (len(train), len(held_out), len(rankings)) == (2000, 500, 300)
-    seen = {r[s] for r in train for s in ("chosen", "rejected")} | {c for r in rankings for c in r["completions"]}
+    assert len(large) > 2500 and {len(r["completions"]) for r in large} == {8}
+    seen = {r[s] for r in train for s in ("chosen", "rejected")}
+    seen |= {c for r in rankings + large for c in r["completions"]}
     assert not seen & {r[s] for r in held_out for s in ("chosen", "rejected")}
+    assert not {r["prompt"] for r in large} & {r["prompt"] for r in held_out}
     report = json.loads(ceiling_path(paths["pairs_train"]).read_text())
     assert report["ceiling"] == pytest.approx(0.9) and report["judge"] == "vader"
     assert 0.85 < json.loads(ceiling_path(paths["pairs_eval"]).read_text())["ceiling"] < 0.95

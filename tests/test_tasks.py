@@ -187,6 +187,12 @@ def test_text_cleaning():
         "United Airlines", "Your crew was great, flight cancelled though.")
     assert demo_data.clean_tweet("@united when is my flight?") is None
     assert demo_data.clean_tweet("@united thanks for the flight http://t.co/x") is None
+    assert demo_data.tweet_text("@united @SouthwestAir why was my bag sent to the @JetBlue desk? #fail @bob") == (
+        ["JetBlue", "Southwest Airlines", "United Airlines"], "Why was my bag sent to the JetBlue desk? fail.")
+    assert demo_data.tweet_text("@bob why was my bag sent to the wrong desk again") is None  # names no airline
+    assert demo_data.tweet_text("@united thanks a lot for nothing") is None  # 5 words
+    assert demo_data.tweet_text("@united RT this: my bag is lost, again and again") is None
+    assert demo_data.tweet_text("@united lost my bag again, thanks a lot _\x99\x85") is None  # mangled emoji
 
 
 def _read(path):

@@ -43,13 +43,14 @@ from alignkit.models.reward import METADATA, load_reward_model, reward_forward
 log = logging.getLogger(__name__)
 
 REFERENCE_MAX = 1000  # training groups used as the normalisation reference when there is no eval set
-DEMO = {"demo": "pairs_train", "demo-rankings": "rankings_train"}
+DEMO = {"demo": "pairs_train", "demo-rankings": "rankings_train", "demo-large": "rankings_large"}
 
 
 @dataclass(frozen=True)
 class RMDataConfig:
     train: str = option("demo", "Preferences: pairs or rankings JSONL (see alignkit/data/preferences.py); 'demo' = "
-                        "simulated VADER pairs of the embedded reviews, 'demo-rankings' = K=4 rankings of them")
+                        "simulated VADER pairs of the embedded reviews, 'demo-rankings' = K=4 rankings of them, "
+                        "'demo-large' = K=8 rankings of the drug reviews and of 6,883 airline tweets")
     eval: str | None = option("demo", "Held-out pairs or rankings; 'demo' = held-out demo pairs; null = no evaluation")
     kwise: bool = option(False, "One batch element per prompt with all its comparisons (InstructGPT K-wise); "
                          "false = one per pair (rankings are split into their C(K,2) pairs)")

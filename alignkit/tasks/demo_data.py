@@ -243,6 +243,40 @@ def read_airline_tweets() -> list[dict]:
     return rows
 
 
+def tweet_text(text: str) -> tuple[list[str], str] | None:
+    """(airlines named, text) for any tweet naming one of the six airlines, cleaned less strictly than
+    `clean_tweet` (questions, replies, hashtags and other topics kept: reward-model text, not demonstrations):
+    leading @handles dropped, other airline handles spelled out, other users' handles and '#' removed. None for
+    links, retweets, mangled emoji or fewer than MIN_WORDS words."""
+    text = html.unescape(text)
+    airlines = sorted({AIRLINES[h.lower()] for h in re.findall(r"@(\w+)", text) if h.lower() in AIRLINES})
+    if not airlines or re.search(r"https?:|www\.|\bRT\b", text):
+        return None
+    body = re.sub(r"@(\w+)", lambda h: _SHORT.get(h.group(1).lower(), ""), re.sub(r"^(\s*@\w+)+", "", text))
+    if "_" in body:  # emoji lost to mojibake upstream
+        return None
+    for bad, good in _ARTEFACTS:
+        body = body.replace(bad, good)
+    body = clean_text(body.replace("#", "").lstrip(" -:,.;"))
+    if not body or len(body.split()) < MIN_WORDS:
+        return None
+    return airlines, end_sentence(body[0].upper() + body[1:])
+
+
+def read_all_airline_tweets() -> list[dict]:
+    """Every distinct tweet naming an airline that `tweet_text` keeps, whatever its sentiment label:
+    one dict {airlines, text} per tweet."""
+    path = source_file(TWEETS["module"], TWEETS["pip"], TWEETS["file"])
+    rows, seen = [], set()
+    with open(path, encoding="latin-1", newline="") as f:
+        for r in csv.DictReader(f):
+            got = tweet_text(r["text"])
+            if got and got[1] not in seen:
+                seen.add(got[1])
+                rows.append(dict(airlines=got[0], text=got[1]))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ building
 
 

