@@ -46,8 +46,8 @@ def bound(name: str, texts: set[str], held_out: list[dict], ceiling: float) -> N
                 agree += ((a - b) * gold > 0) + 0.5 * (a == b)
         return len(analyzer.lexicon), agree / n, correct / len(held_out)
 
-    print(f"\n{name}: {len(texts)} distinct training texts, {len(held_out)} held-out pairs, ceiling {ceiling:.3f}, "
-          f"target {ceiling - 0.05:.3f}\n")
+    print(f"\n{name}: {len(texts)} distinct training texts, {len(held_out)} held-out pairs, "
+          f"ceiling {ceiling:.3f}, target {ceiling - 0.05:.3f}\n")
     print("| VADER's lexicon cut to words in >= k training texts | words kept | agreement with VADER "
           "| held-out accuracy |\n|---|---|---|---|")
     for k in (None, 1, 2, 3, 5, 10, 20):
@@ -63,7 +63,8 @@ def main() -> None:
     bound("pairs_train (data.train=demo)", {t for row in pairs for t in (row["chosen"], row["rejected"])},
           held_out, ceiling)
     large = read_jsonl(paths["rankings_large"])
-    bound("rankings_large (data.train=demo-large)", {t for row in large for t in row["completions"]}, held_out, ceiling)
+    bound("rankings_large (data.train=demo-large)", {t for row in large for t in row["completions"]},
+          held_out, ceiling)
 
 
 if __name__ == "__main__":

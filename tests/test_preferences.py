@@ -304,6 +304,16 @@ def test_pass_sets_use_every_text_once_a_pass():
     assert len({s["prompt_id"] for s in sets}) == 8
 
 
+def test_tweet_corpus_leaves_out_tweets_naming_a_held_out_airline(monkeypatch):
+    from alignkit.tasks import demo_data, preference_demo
+
+    tweets = [{"airlines": ["JetBlue"], "text": "a"}, {"airlines": ["JetBlue", "US Airways"], "text": "b"}]
+    monkeypatch.setattr(demo_data, "read_all_airline_tweets", lambda: tweets)
+    held_out = {demo_data.AIRLINE_TEMPLATE.format(airline="US Airways")}
+    assert preference_demo.tweet_corpus(held_out) == [
+        {"prompt": demo_data.AIRLINE_TEMPLATE.format(airline="JetBlue"), "completion": "a", "domain": "airline"}]
+
+
 def test_demo_preferences(tmp_path, monkeypatch):
     """Simulated VADER labels on the embedded reviews: sizes, ceiling ~0.9, no held-out text in training."""
     import importlib.util

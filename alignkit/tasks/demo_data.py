@@ -205,6 +205,12 @@ _TOPIC = re.compile(r"\b(flight|flights|flew|fly|flying|crew|seat|seats|service|
                     r"luggage|baggage|delay(ed|s)?|gate|boarding|pilot|agents?|airline|customer|trip|wifi)\b", re.I)
 
 
+def _undo_artefacts(text: str) -> str:
+    for bad, good in _ARTEFACTS:
+        text = text.replace(bad, good)
+    return text
+
+
 def clean_tweet(text: str) -> tuple[str, str] | None:
     """(airline, review text) for a tweet that opens with an airline handle and reads like a review:
     no questions, links, hashtags, retweets, mangled emoji or other @users; 6-60 words. None otherwise."""
@@ -215,9 +221,7 @@ def clean_tweet(text: str) -> tuple[str, str] | None:
     if re.search(r"https?:|www\.|\bRT\b|[#?_]", body):  # "_" marks emoji lost to mojibake upstream
         return None
     body = re.sub(r"@(\w+)", lambda h: _SHORT.get(h.group(1).lower(), "\0"), body)
-    for bad, good in _ARTEFACTS:
-        body = body.replace(bad, good)
-    body = clean_text(body.lstrip(" -:,.;"))
+    body = clean_text(_undo_artefacts(body).lstrip(" -:,.;"))
     if not body or "\0" in body or not _TOPIC.search(body):
         return None
     words = body.split()
@@ -255,9 +259,7 @@ def tweet_text(text: str) -> tuple[list[str], str] | None:
     body = re.sub(r"@(\w+)", lambda h: _SHORT.get(h.group(1).lower(), ""), re.sub(r"^(\s*@\w+)+", "", text))
     if "_" in body:  # emoji lost to mojibake upstream
         return None
-    for bad, good in _ARTEFACTS:
-        body = body.replace(bad, good)
-    body = clean_text(body.replace("#", "").lstrip(" -:,.;"))
+    body = clean_text(_undo_artefacts(body).replace("#", "").lstrip(" -:,.;"))
     if not body or len(body.split()) < MIN_WORDS:
         return None
     return airlines, end_sentence(body[0].upper() + body[1:])

@@ -83,11 +83,11 @@ def pass_sets(texts: list[dict], k: int, passes: int, rng: random.Random, tag: s
     return sets
 
 
-def tweet_corpus() -> list[dict]:
-    """Training tweets `{prompt, completion, domain}`: every tweet that names no held-out airline."""
+def tweet_corpus(held_out: set[str]) -> list[dict]:
+    """Training tweets `{prompt, completion, domain}`: every tweet that names no airline whose prompt is in
+    `held_out`."""
     from alignkit.tasks import demo_data as dd
 
-    held_out = {r["prompt"] for r in read_rows(dd.build_demo_data()["prompts_eval"])}
     out = []
     for t in dd.read_all_airline_tweets():
         prompts = [dd.AIRLINE_TEMPLATE.format(airline=a) for a in t["airlines"]]
@@ -137,7 +137,8 @@ def build_preference_demo(force: bool = False) -> dict[str, Path]:
             "rankings_train": completion_sets(train, SIZES["rankings_train"], K_RANKING, rng, "rank")}
     drugs = [t for t in train if t["domain"] == "drug"]
     sets["rankings_large"] = (pass_sets(drugs, K_LARGE, 1, rng, "drug")
-                              + pass_sets(tweet_corpus(), K_LARGE, TWEET_PASSES, rng, "tweet"))
+                              + pass_sets(tweet_corpus({t["prompt"] for t in held_out}), K_LARGE, TWEET_PASSES, rng,
+                                          "tweet"))
     gold = {name: gold_scores(judge, rows) for name, rows in sets.items()}
     tau = tau_for_ceiling(pair_gaps(sets["pairs_train"], gold["pairs_train"]), TARGET_CEILING)
     paths["manifest"].parent.mkdir(parents=True, exist_ok=True)
