@@ -136,9 +136,9 @@ def build_preference_demo(force: bool = False) -> dict[str, Path]:
             "pairs_eval": completion_sets(held_out, SIZES["pairs_eval"], 2, rng, "eval"),
             "rankings_train": completion_sets(train, SIZES["rankings_train"], K_RANKING, rng, "rank")}
     drugs = [t for t in train if t["domain"] == "drug"]
+    tweets = tweet_corpus({t["prompt"] for t in held_out})
     sets["rankings_large"] = (pass_sets(drugs, K_LARGE, 1, rng, "drug")
-                              + pass_sets(tweet_corpus({t["prompt"] for t in held_out}), K_LARGE, TWEET_PASSES, rng,
-                                          "tweet"))
+                              + pass_sets(tweets, K_LARGE, TWEET_PASSES, rng, "tweet"))
     gold = {name: gold_scores(judge, rows) for name, rows in sets.items()}
     tau = tau_for_ceiling(pair_gaps(sets["pairs_train"], gold["pairs_train"]), TARGET_CEILING)
     paths["manifest"].parent.mkdir(parents=True, exist_ok=True)
