@@ -292,16 +292,16 @@ def test_bad_gold_scores_are_errors(tmp_path, judge, message):
 def test_pass_sets_use_every_text_once_a_pass():
     from alignkit.tasks.preference_demo import pass_sets
 
-    texts = [{"prompt": f"p{d}", "completion": f"{d}{i}", "domain": d} for d in "ab" for i in range(7)]
+    texts = [{"prompt": f"p{i}", "completion": f"t{i}", "domain": "d"} for i in range(7)]
     sets = pass_sets(texts, 3, 2, random.Random(0), "t")
-    assert len(sets) == 2 * 2 * 2  # 2 passes x 2 domains x 2 sets of 3 (one text of 7 left over each time)
+    assert len(sets) == 2 * 2  # 2 passes x 2 sets of 3 (one text of 7 left over each time)
     for s in sets:
-        assert len(s["completions"]) == 3 and {c[0] for c in s["completions"]} == {s["domain"]}
-        assert s["prompt"] == f"p{s['domain']}"
-    for n in range(2):  # a pass: six distinct texts of each domain
-        one = [c for s in sets[4 * n:4 * n + 4] for c in s["completions"]]
-        assert len(set(one)) == 12
-    assert len({s["prompt_id"] for s in sets}) == 8
+        assert len(s["completions"]) == 3 and s["domain"] == "d"
+        assert s["prompt"] == "p" + s["completions"][0][1:]  # the first text's prompt
+    for n in range(2):  # a pass: six distinct texts
+        assert len({c for s in sets[2 * n:2 * n + 2] for c in s["completions"]}) == 6
+    assert sets[0]["completions"] != sets[2]["completions"]  # each pass a new grouping
+    assert len({s["prompt_id"] for s in sets}) == 4
 
 
 def test_tweet_corpus_leaves_out_tweets_naming_a_held_out_airline(monkeypatch):

@@ -65,21 +65,17 @@ def completion_sets(reviews: list[dict], n: int, k: int, rng: random.Random, tag
 
 
 def pass_sets(texts: list[dict], k: int, passes: int, rng: random.Random, tag: str) -> list[dict]:
-    """Sets of `k` texts of one domain in which every text appears once per pass: each pass shuffles each
-    domain's texts and cuts them into sets of k (a remainder under k sits that pass out); the prompt is the
-    first text's."""
-    by_domain: dict[str, list[dict]] = {}
-    for t in texts:
-        by_domain.setdefault(t["domain"], []).append(t)
+    """Sets of `k` of `texts` (one domain) in which every text appears once per pass: each pass shuffles the
+    texts and cuts them into sets of k (a remainder under k sits that pass out); the prompt is the first
+    text's."""
     sets = []
     for _ in range(passes):
-        for domain in sorted(by_domain):
-            pool = list(by_domain[domain])
-            rng.shuffle(pool)
-            for i in range(0, len(pool) - k + 1, k):
-                group = pool[i:i + k]
-                sets.append({"prompt": group[0]["prompt"], "completions": [t["completion"] for t in group],
-                             "prompt_id": f"{tag}-{len(sets)}", "domain": domain})
+        pool = list(texts)
+        rng.shuffle(pool)
+        for i in range(0, len(pool) - k + 1, k):
+            group = pool[i:i + k]
+            sets.append({"prompt": group[0]["prompt"], "completions": [t["completion"] for t in group],
+                         "prompt_id": f"{tag}-{len(sets)}", "domain": group[0]["domain"]})
     return sets
 
 
