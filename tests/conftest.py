@@ -10,6 +10,12 @@ import pytest  # noqa: E402
 
 from alignkit.models.tiny import pseudo_words, save_tiny, tiny_gpt2, tiny_llama  # noqa: E402
 
+# Generation prompts of mixed lengths for the tiny tokenizer: batched, they need left padding. 12 rows: the
+# decode loop keeps a finished row in the batch until an eighth of the rows are finished, then drops them;
+# both states are exercised.
+PROMPTS = ["the food was good and the service", "a", "review of the bad", "user: is it great", "zo", "good good",
+           "the service was", "bad food is bad", "great review", "a good user", "is it", "the assistant was great"]
+
 
 def make_sft_rows(n: int, seed: int = 0) -> list[dict]:
     """Toy demonstrations: the completion repeats the prompt's subject followed by 'good'."""

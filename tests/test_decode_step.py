@@ -18,10 +18,10 @@ from alignkit.rollout.cache import make_cache  # noqa: E402
 from alignkit.rollout import decode_step as step_module  # noqa: E402
 from alignkit.rollout.decode_step import decode_step  # noqa: E402
 
+from conftest import PROMPTS  # noqa: E402
+
 generate_module = importlib.import_module("alignkit.rollout.generate")  # the package exports the function
 
-PROMPTS = ["the food was good and the service", "a", "review of the bad", "user: is it great", "zo", "good good",
-           "the service was", "bad food is bad", "great review", "a good user", "is it", "the assistant was great"]
 SHAPE = dict(vocab_size=2048, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=512, tie_word_embeddings=False)
 VARIANTS = {  # family: (config class, model class, options beyond SHAPE)

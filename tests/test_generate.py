@@ -15,10 +15,7 @@ from alignkit.rollout import SamplingConfig, generate, generate_text  # noqa: E4
 from alignkit.rollout import linear as fast_linear  # noqa: E402
 from alignkit.rollout.cache import BufferLayer, make_cache  # noqa: E402
 
-# 12 rows: the decode loop keeps a finished row in the batch until an eighth of the rows are
-# finished, then drops them; both states are exercised.
-PROMPTS = ["the food was good and the service", "a", "review of the bad", "user: is it great", "zo", "good good",
-           "the service was", "bad food is bad", "great review", "a good user", "is it", "the assistant was great"]
+from conftest import PROMPTS  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
